@@ -1,0 +1,14 @@
+"""fusedtx: fused Triton kernels for transformers and vision transformers.
+
+Functional ops live at the top level (``fusedtx.layer_norm_gelu``, ...), drop-in modules in
+``fusedtx.nn``, the PyTorch references in ``fusedtx.reference``. ``fusedtx.use_backend`` and the
+``FUSEDTX_BACKEND`` variable choose between the Triton kernels and the references.
+"""
+
+from fusedtx import nn, reference
+from fusedtx._backend import use_backend
+from fusedtx.ops import layer_norm, layer_norm_gelu
+
+__version__ = "0.1.0"
+
+__all__ = ["layer_norm", "layer_norm_gelu", "nn", "reference", "use_backend", "__version__"]

@@ -1,0 +1,112 @@
+"""The one place that decides, per call, whether an op runs its Triton kernel or the PyTorch reference.
+
+Order of precedence:
+
+1. ``fusedtx.use_backend(name)`` (a context manager, innermost wins);
+2. the environment variable ``FUSEDTX_BACKEND`` (``auto`` | ``triton`` | ``reference``, default ``auto``).
+
+``auto`` takes Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
+interpreter, used by the test suite on machines without a GPU); everything else takes the reference.
+``triton`` where Triton cannot run is an error, never a silent fallback. Cases a kernel does not cover
+(see :func:`select`) fall back to the reference with a one-time warning under ``auto`` and raise under
+``triton``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtx_backend", default=None)
+_warned: set[tuple[str, str]] = set()
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def requested() -> str:
+    """The backend asked for: the innermost ``use_backend``, else ``FUSEDTX_BACKEND``, else ``auto``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("FUSEDTX_BACKEND", "auto").strip().lower(), "FUSEDTX_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed fusedtx calls on backend ``name`` (``"auto"``, ``"triton"`` or ``"reference"``)."""
+    token = _override.set(_check_name(name, "backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_support(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of ``device``, and why (or why not)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
+    if device.type == "cuda":
+        return True, "CUDA tensor and Triton installed"
+    if device.type == "cpu" and interpreter_enabled():
+        return True, "CPU tensor with TRITON_INTERPRET=1 (Triton interpreter)"
+    if device.type == "cpu":
+        return False, "CPU tensor (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    return False, f"device type {device.type!r} has no Triton backend here"
+
+
+def explain(device: torch.device, unsupported: str | None = None) -> tuple[str, str]:
+    """The backend a call on ``device`` would take, and the reason, without raising or warning."""
+    want = requested()
+    if want == "reference":
+        return "reference", "backend 'reference' requested"
+    ok, why = triton_support(device)
+    if not ok:
+        return "reference", why
+    if unsupported is not None:
+        return "reference", unsupported
+    return "triton", why
+
+
+def select(op: str, device: torch.device, unsupported: str | None = None) -> str:
+    """Return ``"triton"`` or ``"reference"`` for one call of ``op`` on ``device``.
+
+    ``unsupported`` is the op's reason why its kernel does not cover this call (``None`` when it
+    does). Under ``auto`` such a call warns once per (op, reason) and takes the reference; under
+    ``triton`` it raises ``RuntimeError``, as does a device Triton cannot run on.
+    """
+    want = requested()
+    if want == "reference":
+        return "reference"
+    ok, why = triton_support(device)
+    if want == "triton" and not ok:
+        raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but cannot run: {why}")
+    if want == "triton" and unsupported is not None:
+        raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but the kernel {unsupported}")
+    if not ok:
+        return "reference"
+    if unsupported is not None:
+        if (op, unsupported) not in _warned:
+            _warned.add((op, unsupported))
+            warnings.warn(
+                f"fusedtx.{op}: the Triton kernel {unsupported}; using the PyTorch reference",
+                stacklevel=3,
+            )
+        return "reference"
+    return "triton"

@@ -1,0 +1,5 @@
+"""Drop-in ``torch.nn`` modules backed by fusedtx kernels, one file per family."""
+
+from fusedtx.nn.layer_norm_gelu import LayerNorm, LayerNormGELU
+
+__all__ = ["LayerNorm", "LayerNormGELU"]

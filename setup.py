@@ -1,0 +1,37 @@
+"""Packaging for fusedtx.
+
+The Triton kernels live in the top-level folder ``kernels/`` and are installed as the subpackage
+``fusedtx.kernels`` (``package_dir`` maps it), so nothing named plain ``kernels`` reaches
+site-packages. Always import them as ``fusedtx.kernels``.
+"""
+
+from setuptools import setup
+
+setup(
+    name="fusedtx",
+    version="0.1.0",
+    description="Fused Triton kernels for transformers and vision transformers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["fusedtx", "fusedtx.nn", "fusedtx.kernels"],
+    package_dir={"fusedtx.kernels": "kernels"},
+    # torch 2.11 (the GPU machine) through 2.14 (CI); Triton 3.6 through 3.9 ships beside them.
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "timm>=1.0",
+            "transformers>=4.40",
+            "matplotlib>=3.7",
+        ],
+    },
+    entry_points={"console_scripts": ["fusedtx = fusedtx.cli:main"]},
+)
