@@ -65,13 +65,13 @@ def _layer_norm_gelu_configs():
                        DW="*fp32", DB="*fp32")
         for n in (96, 768, 1280, 4096, 8192, 16384, 65536):
             for residual in (False, True):
-                bm, bn, single, warps = k._config(n, k.FWD_SINGLE_MAX)
+                bm, bn, single, warps = k._config(n, k.FWD_TILE)
                 consts = dict(ACT=1, HAS_RES=residual, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn,
                               SINGLE=single, stride_xn=1, stride_rn=1)
                 sig = {**fwd_sig, **{c: "constexpr" for c in consts}}
                 name = f"fwd {dtype} N={n}{' +residual' if residual else ''} [{bm}x{bn} w{warps}]"
                 yield name, k._layer_norm_gelu_fwd_kernel, sig, consts, warps
-            bm, bn, single, warps = k._config(n, k.BWD_SINGLE_MAX)
+            bm, bn, single, warps = k._config(n, k.BWD_TILE)
             consts = dict(ACT=1, HAS_DS=False, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn, SINGLE=single,
                           stride_dyn=1, stride_dsn=1, stride_xn=1)
             sig = {**bwd_sig, **{c: "constexpr" for c in consts}}

@@ -21,10 +21,12 @@ import triton.language as tl
 
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
-# Widest rows kept whole in registers; wider rows take the chunked path. Chosen so the sm_90a builds
-# do not spill (bench/sm90_resources.py checks it).
-FWD_SINGLE_MAX = 16384
-BWD_SINGLE_MAX = 8192
+# Single pass: narrow rows are packed up to ROWS_TILE elements per program (16 rows at most); a row wider
+# than that is one program, up to FWD_TILE / BWD_TILE wide; 8 elements per thread, 16 warps at most.
+# Wider rows take the chunked path in CHUNK-wide pieces. Sized so the sm_90a builds do not spill (python -m bench.sm90_resources layer_norm_gelu).
+FWD_TILE = 16384
+BWD_TILE = 4096
+ROWS_TILE = 2048
 CHUNK = 4096
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
@@ -46,7 +48,7 @@ def _act(z, ACT: tl.constexpr):
     if ACT == 1:  # exact GELU: z * Phi(z)
         y = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
     elif ACT == 2:  # tanh GELU
-        y = 0.5 * z * (1.0 + _tanh(_SQRT_2_PI * (z + _TANH_C * z * z * z)))
+        y = 0.5 * z * (1.0 + _tanh((z + z * z * z * _TANH_C) * _SQRT_2_PI))
     elif ACT == 3:
         y = tl.maximum(z, 0.0)
     else:
@@ -59,8 +61,8 @@ def _act_grad(z, ACT: tl.constexpr):
     if ACT == 1:  # d/dz z*Phi(z) = Phi(z) + z*phi(z)
         d = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif ACT == 2:  # with t = tanh(u), u = c0 (z + c1 z^3): 0.5 (1 + t) + 0.5 z (1 - t^2) c0 (1 + 3 c1 z^2)
-        t = _tanh(_SQRT_2_PI * (z + _TANH_C * z * z * z))
-        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 3.0 * _TANH_C * z * z)
+        t = _tanh((z + z * z * z * _TANH_C) * _SQRT_2_PI)
+        d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + z * z * (3.0 * _TANH_C))
     elif ACT == 3:
         d = tl.where(z > 0.0, 1.0, 0.0)
     else:
@@ -239,13 +241,13 @@ def _layer_norm_gelu_bwd_kernel(
                     tl.store(DB + part + cols, db + tl.sum(g, axis=0), mask=cmask)
 
 
-def _config(n: int, single_max: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, SINGLE, num_warps) for rows of width n."""
-    if n > single_max:
+def _config(n: int, tile: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, SINGLE, num_warps) for rows of width n and tiles of at most ``tile`` elements."""
+    if n > tile:
         return 1, CHUNK, False, 8
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(16, 4096 // block_n))
-    num_warps = max(1, min(16, block_m * block_n // 512))
+    block_m = max(1, min(16, ROWS_TILE // block_n))
+    num_warps = max(1, min(16, block_m * block_n // 256))
     return block_m, block_n, True, num_warps
 
 
@@ -270,7 +272,7 @@ def layer_norm_gelu_fwd(
     s = torch.empty_like(y) if residual is not None else None
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_m, block_n, single, num_warps = _config(n, FWD_SINGLE_MAX)
+    block_m, block_n, single, num_warps = _config(n, FWD_TILE)
     r = residual if residual is not None else x
     _layer_norm_gelu_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, r, weight, bias, y, s, mean, rstd,
@@ -297,7 +299,7 @@ def layer_norm_gelu_bwd(
     their parameters' dtypes (None where there is no parameter)."""
     m, n = x.shape
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m, block_n, single, num_warps = _config(n, BWD_SINGLE_MAX)
+    block_m, block_n, single, num_warps = _config(n, BWD_TILE)
     programs = _num_programs(x.device, triton.cdiv(m, block_m))
     # Partials start at zero: the chunked path accumulates into them; a program with no rows adds nothing.
     dw = torch.zeros((programs, n), dtype=torch.float32, device=x.device) if weight is not None else None

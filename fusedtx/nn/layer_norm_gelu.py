@@ -87,7 +87,7 @@ class LayerNormGELU(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"activation={self.activation!r}"
+            f"bias={self.bias is not None}, activation={self.activation!r}"
         )
 
     @classmethod
@@ -131,7 +131,10 @@ class LayerNorm(LayerNormGELU):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, activation="none")
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
 
     @classmethod
     def from_module(cls, norm: nn.LayerNorm) -> LayerNorm:

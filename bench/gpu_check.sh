@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The one prepared GPU run (DESIGN.md): install, measure the card's ceilings once, run the GPU tests, then
+# every bench/bench_*.py, and write everything under $OUT (default bench/results/<date>-<gpu>/).
+# Each step has its own time limit so that a slow step cannot eat the others; the whole run is sized to
+# finish within 8 minutes on one H100. The last lines printed are the summary.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' | tr -cd '[:alnum:]-')
+OUT="${OUT:-bench/results/$(date +%F)-${gpu:-gpu}}"
+mkdir -p "$OUT"
+export OUT FUSEDTX_CEILINGS="$OUT/ceilings.json"
+summary="$OUT/summary.md"
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, note the outcome
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "- $name: exit $rc in $((SECONDS - t0)) s (limit $limit s)" >> "$summary"
+  return 0
+}
+
+{
+  echo "# fusedtx GPU check, $(date -u +%FT%TZ)"
+  echo
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+  python3 -c "import torch, triton, sys; print(f'python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}')"
+  echo
+} > "$summary"
+
+step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
+step ceilings 60 python3 -c "
+import json, os, torch
+from bench.harness import measure_ceilings
+os.environ.pop('FUSEDTX_CEILINGS')
+c = measure_ceilings(torch.device('cuda'))
+open('$FUSEDTX_CEILINGS', 'w').write(json.dumps(c))
+print(c)"
+step tests 200 python3 -m pytest -q -x -p no:cacheprovider tests
+for bench in bench/bench_*.py; do
+  name=$(basename "$bench" .py)
+  step "$name" 120 python3 -m "bench.$name" --out "$OUT"
+done
+
+{
+  echo
+  echo "## ceilings"
+  cat "$FUSEDTX_CEILINGS" 2>/dev/null
+  echo
+  echo "## tests"
+  tail -n 3 "$OUT/tests.log"
+  for md in "$OUT"/*.md; do
+    case "$md" in "$summary") continue ;; esac
+    [ -f "$md" ] && { echo; cat "$md"; }
+  done
+} >> "$summary"
+cat "$summary"

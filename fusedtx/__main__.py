@@ -1,0 +1,3 @@
+from fusedtx.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""The ``fusedtx`` command: ``fusedtx info`` and ``fusedtx bench [family ...|all]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import platform
+import sys
+
+import torch
+
+from fusedtx import _backend
+
+
+def families() -> list[str]:
+    """The kernel families, one module each in ``fusedtx.kernels`` (listed without importing Triton)."""
+    import fusedtx.kernels
+
+    return sorted(m.name for m in pkgutil.iter_modules(fusedtx.kernels.__path__))
+
+
+def _version(module: str) -> str:
+    try:
+        return importlib.import_module(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def info() -> str:
+    """Versions, devices, and the backend each family would take on each device, with the reason."""
+    import fusedtx
+
+    lines = [
+        f"fusedtx  {fusedtx.__version__}",
+        f"python   {platform.python_version()} ({sys.platform})",
+        f"torch    {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
+        f"triton   {_version('triton')}",
+        f"backend  requested {_backend.requested()!r} (FUSEDTX_BACKEND / fusedtx.use_backend); "
+        f"TRITON_INTERPRET={'1' if _backend.interpreter_enabled() else '0'}",
+    ]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.insert(0, torch.device("cuda", torch.cuda.current_device()))
+        props = torch.cuda.get_device_properties(devices[0])
+        lines.append(f"device   {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+                     f"{props.total_memory / 2**30:.0f} GiB")
+    else:
+        lines.append("device   no CUDA device: CPU only")
+    lines.append("")
+    lines.append("op family         device  backend    why")
+    for family in families():
+        for device in devices:
+            backend, why = _backend.explain(device)
+            lines.append(f"{family:<17} {device.type:<7} {backend:<10} {why}")
+    lines.append("")
+    lines.append("Per call, a case a kernel does not cover (e.g. float64) takes the reference with a one-time "
+                 "warning.")
+    return "\n".join(lines)
+
+
+def bench(names: list[str], out: str | None, quick: bool) -> None:
+    """Run the bench modules of the named families (``all``: every family with a bench)."""
+    from bench.harness import default_out_dir
+
+    wanted = families() if names in ([], ["all"]) else names
+    unknown = set(wanted) - set(families())
+    if unknown:
+        raise SystemExit(f"unknown families {sorted(unknown)}; choose from {families()} or 'all'")
+    out_dir = out or default_out_dir()
+    for family in wanted:
+        try:
+            module = importlib.import_module(f"bench.bench_{family}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"bench.bench_{family}":
+                raise
+            print(f"{family}: no bench module (run from the repository root)")
+            continue
+        table = module.run(out_dir, quick=quick)
+        print(f"{family}: {len(table.rows)} rows -> {out_dir}/{table.name}.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fusedtx", description="fused Triton kernels for (vision) transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, and which backend each op takes and why")
+    p_bench = sub.add_parser("bench", help="run benchmarks (from the repository root)")
+    p_bench.add_argument("families", nargs="*", help=f"'all' (default) or some of: {', '.join(families())}")
+    p_bench.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
+    p_bench.add_argument("--quick", action="store_true", help="a few shapes per family")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info())
+    elif args.command == "bench":
+        bench(args.families, args.out, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""The command line: ``fusedtx info`` and ``fusedtx bench``."""
+
+import subprocess
+import sys
+
+from fusedtx import cli
+
+
+def test_info_lists_versions_and_every_family_backend():
+    text = cli.info()
+    for word in ("torch", "triton", "python"):
+        assert word in text
+    for family in cli.families():
+        line = next(line for line in text.splitlines() if line.startswith(family))
+        assert "cpu" in line and ("triton" in line or "reference" in line)
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "fusedtx", "info"], capture_output=True, text=True, check=True)
+    assert "layer_norm_gelu" in out.stdout
