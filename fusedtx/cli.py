@@ -1,4 +1,4 @@
-"""The ``fusedtx`` command: ``fusedtx info`` and ``fusedtx bench [family ...|all]``."""
+"""The ``fusedtx`` command: ``fusedtx info``, ``fusedtx profile [...]`` and ``fusedtx bench [family ...|all]``."""
 
 from __future__ import annotations
 
@@ -81,9 +81,15 @@ def bench(names: list[str], out: str | None, quick: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile"]:  # its own parser takes the rest of the line
+        from fusedtx import profile
+
+        raise SystemExit(profile.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="fusedtx", description="fused Triton kernels for (vision) transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend each op takes and why")
+    sub.add_parser("profile", add_help=False, help="stock vs fused model at 4096 patches (fusedtx profile --help)")
     p_bench = sub.add_parser("bench", help="run benchmarks (from the repository root)")
     p_bench.add_argument("families", nargs="*", help=f"'all' (default) or some of: {', '.join(families())}")
     p_bench.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")

@@ -1,0 +1,144 @@
+"""Model surgery: put fusedtx modules into an existing model, and take them out again.
+
+``swap(model)`` walks the model and replaces, in place, every submodule it knows with its fused
+drop-in, sharing the parameters (no copies, no re-initialisation, same device and dtype, same
+``state_dict`` keys). Known modules are matched by their exact class (by qualified name, so timm,
+torchvision and transformers are never imported here); a subclass of a known class is left alone,
+since its ``forward`` may differ. ``unswap(model)`` puts the stock modules back.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fusedtx import nn as fnn
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Replace modules whose class is one of ``classes`` (``module.QualName``) using ``convert``."""
+
+    family: str  # the swap() switch that enables it: "norm", "attention" or "window_attention"
+    kind: str  # what the report counts
+    classes: tuple[str, ...]
+    convert: Callable[[nn.Module], nn.Module]
+
+
+RULES: list[Rule] = [
+    Rule("norm", "LayerNorm", ("torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"),
+         fnn.LayerNorm.from_module),
+]
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap` did: ``replaced`` counts by kind, ``left_alone`` lists (name, class, reason)."""
+
+    model: nn.Module
+    replaced: Counter = field(default_factory=Counter)
+    left_alone: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.replaced.values())
+
+    def __str__(self) -> str:
+        lines = [f"fusedtx.swap: replaced {self.total} modules"]
+        lines += [f"  {kind}: {count}" for kind, count in sorted(self.replaced.items())]
+        if self.left_alone:
+            lines.append(f"left alone: {len(self.left_alone)}")
+            lines += [f"  {name} ({cls}): {why}" for name, cls, why in self.left_alone]
+        return "\n".join(lines)
+
+
+class FusedAway(nn.Identity):
+    """Stands where a module was folded into its neighbour (a GELU after a LayerNorm); keeps it for unswap."""
+
+    def __init__(self, stock: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_fusedtx_stock", stock)  # a plain attribute: not a submodule, not in state_dict
+
+
+def _class_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _subclassed_rule(module: nn.Module, rules: list[Rule]) -> Rule | None:
+    bases = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__[1:]}
+    return next((r for r in rules if bases & set(r.classes)), None)
+
+
+def _replace(parent: nn.Module, name: str, stock: nn.Module, fused: nn.Module) -> None:
+    object.__setattr__(fused, "_fusedtx_stock", stock)
+    setattr(parent, name, fused)
+
+
+def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_attention: bool = True,
+         inplace: bool = True) -> SwapReport:
+    """Replace every known submodule of ``model`` with its fusedtx drop-in.
+
+    ``attention``, ``norm`` and ``window_attention`` switch the families on or off. With
+    ``inplace=False`` a deep copy is swapped and the original is untouched. Returns a
+    :class:`SwapReport` whose ``model`` is the swapped model (``model`` itself when in place).
+    Known: ``torch.nn.LayerNorm`` (and timm's LayerNorm), and a LayerNorm directly followed by
+    ``nn.GELU`` / ``nn.ReLU`` in an ``nn.Sequential`` (fused into one ``LayerNormGELU``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    enabled = {"norm": norm, "attention": attention, "window_attention": window_attention}
+    rules = [r for r in RULES if enabled[r.family]]
+    by_class = {cls: r for r in rules for cls in r.classes}
+    report = SwapReport(model)
+    _swap_children(model, "", by_class, rules, report)
+    return report
+
+
+def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], rules: list[Rule],
+                   report: SwapReport) -> None:
+    children = list(parent.named_children())
+    for i, (name, child) in enumerate(children):
+        qualified = f"{prefix}{name}"
+        if hasattr(child, "_fusedtx_stock"):
+            continue  # already swapped
+        rule = by_class.get(_class_name(child))
+        if rule is None:
+            sub = _subclassed_rule(child, rules)
+            if sub is not None:
+                report.left_alone.append((qualified, _class_name(child),
+                                          f"custom subclass of a {sub.kind}: its forward may differ"))
+            else:
+                _swap_children(child, f"{qualified}.", by_class, rules, report)
+            continue
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if (rule.kind == "LayerNorm" and isinstance(parent, nn.Sequential)
+                and type(nxt) in (nn.GELU, nn.ReLU)):
+            _replace(parent, name, child, fnn.LayerNormGELU.from_module(child, nxt))
+            setattr(parent, children[i + 1][0], FusedAway(nxt))
+            report.replaced["LayerNorm+activation"] += 1
+            continue
+        try:
+            fused = rule.convert(child)
+        except (TypeError, ValueError) as exc:
+            report.left_alone.append((qualified, _class_name(child), str(exc)))
+            continue
+        _replace(parent, name, child, fused)
+        report.replaced[rule.kind] += 1
+
+
+def unswap(model: nn.Module) -> nn.Module:
+    """Put back, in place, every stock module that :func:`swap` replaced in ``model``; returns ``model``.
+
+    The stock modules come back as the very objects that were there, still sharing their parameters."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            stock = getattr(child, "_fusedtx_stock", None)
+            if stock is not None:
+                setattr(parent, name, stock)
+    return model
