@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU run (DESIGN.md): install, measure the card's ceilings once, run the GPU tests, then
-# every bench/bench_*.py, and write everything under $OUT (default bench/results/<date>-<gpu>/).
+# every bench/bench_*.py and the 4096-patch profiles, and write everything under $OUT (default bench/results/<date>-<gpu>/).
 # Each step has its own time limit so that a slow step cannot eat the others; the whole run is sized to
 # finish within 8 minutes on one H100. The last lines printed are the summary.
 set -uo pipefail
@@ -36,10 +36,17 @@ os.environ.pop('FUSEDTX_CEILINGS')
 c = measure_ceilings(torch.device('cuda'))
 open('$FUSEDTX_CEILINGS', 'w').write(json.dumps(c))
 print(c)"
-step tests 200 python3 -m pytest -q -x -p no:cacheprovider tests
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests
 for bench in bench/bench_*.py; do
   name=$(basename "$bench" .py)
-  step "$name" 120 python3 -m "bench.$name" --out "$OUT"
+  step "$name" 60 python3 -m "bench.$name" --out "$OUT"
+done
+# The 4096-patch profiles: ViT-B/16 and Swin-T at 1024 px, bf16, batch 1 and 8.
+for model in vit_base_patch16_224 swin_tiny_patch4_window7_224; do
+  for batch in 1 8; do
+    step "profile_${model}_b$batch" 40 python3 -m fusedtx profile --model "$model" --img-size 1024 \
+      --batch "$batch" --dtype bfloat16 --steps 10 --out "$OUT/profile_${model}_b$batch"
+  done
 done
 
 {
@@ -49,7 +56,7 @@ done
   echo
   echo "## tests"
   tail -n 3 "$OUT/tests.log"
-  for md in "$OUT"/*.md; do
+  for md in "$OUT"/*.md "$OUT"/profile_*/report.md; do
     case "$md" in "$summary") continue ;; esac
     [ -f "$md" ] && { echo; cat "$md"; }
   done
