@@ -78,9 +78,46 @@ def _layer_norm_gelu_configs():
             yield f"bwd {dtype} N={n} [{bm}x{bn} w{warps}]", k._layer_norm_gelu_bwd_kernel, sig, consts, warps
 
 
+def _attention_configs():
+    import torch
+
+    from fusedtx.kernels import attention as k
+
+    kernels = {"fwd": k._attn_fwd_kernel, "dkdv": k._attn_bwd_dkdv_kernel, "dq": k._attn_bwd_dq_kernel,
+               "dbias": k._attn_bwd_dbias_kernel}
+    unit_strides = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_gd", "stride_xd", "stride_bn",
+                    "stride_mn")
+    # (kernel, dtype, head dim, bias, causal + key padding mask): every config with a bias, and the
+    # heaviest variant (bias, padding mask, causal) of the bf16 ones.
+    cases = [(kind, dtype, d, True, False) for dtype in ("bf16", "fp32") for d in (64, 80, 128, 256)
+             for kind in ("fwd", "dkdv", "dq")]
+    cases += [(kind, "bf16", d, True, True) for d in (64, 128) for kind in ("fwd", "dkdv", "dq", "dbias")]
+    cases += [("fwd", "bf16", 64, False, False)]
+    for kind, dtype, d, has_bias, masked in cases:
+        fn = kernels[kind]
+        ptr = f"*{dtype}"
+        sig = {n: "i32" for n in fn.arg_names}
+        sig.update({n: ptr for n in ("Q", "K", "V", "Bias", "Out", "DO", "DK", "DV", "DQ", "DBias")
+                    if n in sig})
+        sig.update({n: "*fp32" for n in ("Lse", "Delta") if n in sig})
+        sig.update(KPM="*u8", qk_scale="fp32", **({"sm_scale": "fp32"} if "sm_scale" in sig else {}))
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        bm, bn, warps = k.configs(kind, d, torch_dtype, has_bias)
+        consts = dict(HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=masked, CAUSAL=masked)
+        consts.update({n: 1 for n in unit_strides if n in sig})
+        if kind == "dbias":
+            consts["SUM_ROWS"] = False
+        else:
+            consts["HAS_BIAS"] = has_bias
+        sig.update({c: "constexpr" for c in consts})
+        flags = "".join([" +bias" if has_bias else "", " +padding causal" if masked else ""])
+        yield f"{kind} {dtype} D={d}{flags} [{bm}x{bn} w{warps}]", fn, sig, consts, warps
+
+
 # family -> generator of (label, kernel, signature, constexprs, num_warps)
 CONFIGS = {
     "layer_norm_gelu": _layer_norm_gelu_configs,
+    "attention": _attention_configs,
 }
 
 

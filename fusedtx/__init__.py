@@ -7,8 +7,20 @@ Functional ops live at the top level (``fusedtx.layer_norm_gelu``, ...), drop-in
 
 from fusedtx import nn, reference
 from fusedtx._backend import use_backend
-from fusedtx.ops import layer_norm, layer_norm_gelu
+from fusedtx.ops import (
+    attention,
+    layer_norm,
+    layer_norm_gelu,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["layer_norm", "layer_norm_gelu", "nn", "reference", "use_backend", "__version__"]
+__all__ = [
+    "attention",
+    "layer_norm",
+    "layer_norm_gelu",
+    "nn",
+    "reference",
+    "use_backend",
+    "__version__",
+]

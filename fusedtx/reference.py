@@ -69,3 +69,55 @@ def layer_norm_gelu(
         z = z + bias.to(t.dtype)
     y = apply_activation(z, activation).to(x.dtype)
     return y if residual is None else (y, s)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q·kᵀ·scale + bias, masked)·v`` over the keys.
+
+    Shapes: ``q`` (B, H, Nq, D), ``k`` and ``v`` (B, H, Nk, D); ``bias`` broadcastable to
+    (B, H, Nq, Nk); ``key_padding_mask`` bool (B, Nk), True for keys to ignore. ``causal`` lets query
+    i see keys j <= i (top-left aligned, as ``F.scaled_dot_product_attention``). ``scale`` defaults to
+    1/sqrt(D). A row whose keys are all masked (by the padding mask, causality or a bias of -inf)
+    gives zeros, never NaN. ``dropout_p`` drops probabilities (scaling the rest by 1/(1-p)).
+
+    Returns the output (B, H, Nq, D) in q's dtype, and with ``return_lse`` also the natural-log
+    log-sum-exp of each row's masked scores (B, H, Nq) in the compute dtype (-inf for fully masked rows).
+    """
+    ct = compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(ct)
+    if key_padding_mask is not None:
+        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    if causal:
+        nq, nk = s.shape[-2:]
+        allowed = torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~allowed, float("-inf"))
+    # Max-subtracted softmax; a fully masked row has max -inf, so subtract 0 there and divide by 1.
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    total = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(total > 0, total, torch.ones_like(total))
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    out = torch.matmul(p, v.to(ct)).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, (m + torch.log(total)).squeeze(-1)

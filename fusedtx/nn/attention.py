@@ -1,0 +1,246 @@
+"""Drop-in attention modules backed by the fused ``attention`` op.
+
+* :class:`MultiheadAttention`: ``torch.nn.MultiheadAttention`` (it subclasses it, so constructor,
+  parameters, initialization, ``state_dict`` and ``isinstance`` checks are the stock ones).
+* :class:`Attention`: timm's ``Attention`` (``timm.layers.Attention``, the ViT block's attention):
+  same constructor, submodules and ``state_dict``; timm itself is not needed.
+
+What the kernel does not compute (attention weights, dropout on the attention probabilities) takes a
+reference path and says so once (``fusedtx.use_backend("triton")`` turns that into an error).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusedtx import _backend, ops, reference
+
+_DROPOUT = "does not apply dropout to the attention probabilities (training with dropout > 0)"
+_WEIGHTS = "does not return attention weights; pass need_weights=False to use it"
+
+
+def _fallback(reason: str | None, device: torch.device) -> bool:
+    """True when the kernel cannot serve a call (``reason``): the reference path is taken, with a
+    one-time warning (an error under ``fusedtx.use_backend("triton")``)."""
+    if reason is None:
+        return False
+    _backend.select("attention", device, reason)
+    return True
+
+
+def _additive(mask: Tensor, masked_value: bool, dtype: torch.dtype) -> Tensor:
+    """A float mask as is; a bool mask as 0 / -inf of its own shape (-inf where it equals ``masked_value``)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == masked_value, float("-inf"))
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in ``torch.nn.MultiheadAttention`` running the fused flash-attention kernel.
+
+    Same constructor, parameters (``in_proj_weight`` / ``q_proj_weight``, ``k_proj_weight``,
+    ``v_proj_weight`` when kdim/vdim differ, ``in_proj_bias``, ``out_proj``, ``bias_k``/``bias_v``),
+    ``state_dict`` and ``forward`` signature and semantics: inputs (L, N, E), or (N, L, E) with
+    ``batch_first``, or unbatched (L, E); ``key_padding_mask`` (N, S) bool (True = ignore) or float
+    (added); ``attn_mask`` (L, S) or (N·num_heads, L, S), bool (True = not allowed) or float (added);
+    ``is_causal`` applies the causal mask (as a hint for ``attn_mask``, as torch treats it; here an
+    ``attn_mask`` is not required with it). Returns ``(attn_output, None)``.
+
+    ``need_weights=True`` (torch's default) and dropout > 0 in training are computed by
+    ``torch.nn.MultiheadAttention``'s own forward, with a one-time warning: pass
+    ``need_weights=False`` for the kernel.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        reason = None
+        if need_weights:
+            reason = _WEIGHTS
+        elif self.training and self.dropout > 0:
+            reason = _DROPOUT
+        elif query.is_nested or key.is_nested or value.is_nested:
+            reason = "does not take nested tensors"
+        if _fallback(reason, query.device):
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        self_attention = query is key and key is value
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            key_padding_mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if self_attention:
+            key = value = query
+        # As torch: is_causal is a hint that attn_mask is causal, taken as such unless a padding mask
+        # comes too (then attn_mask is applied instead). Here attn_mask may also be left out.
+        causal = is_causal and (key_padding_mask is None or attn_mask is None)
+        out = self._attend(query, key, value, key_padding_mask, None if causal else attn_mask, causal)
+        if batched and not self.batch_first:
+            out = out.transpose(0, 1)
+        return (out if batched else out.squeeze(0)), None
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, ...]:
+        """q, k, v projections (N, L|S, E) of batch-first inputs; one matmul for self-attention."""
+        if self._qkv_same_embed_dim and query is key and key is value:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases, strict=True))
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+                attn_mask: Tensor | None, causal: bool) -> Tensor:
+        """The block on batch-first (N, L, E) inputs: projections, attention, output projection."""
+        n, length = query.shape[:2]
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self._project(query, key, value)
+        extra = []  # key/value rows appended by add_bias_kv and add_zero_attn
+        if self.bias_k is not None:
+            extra.append((self.bias_k.expand(n, 1, -1), self.bias_v.expand(n, 1, -1)))
+        if self.add_zero_attn:
+            extra.append((k.new_zeros(n, 1, self.embed_dim), v.new_zeros(n, 1, self.embed_dim)))
+        for k_row, v_row in extra:
+            k, v = torch.cat([k, k_row], dim=1), torch.cat([v, v_row], dim=1)
+            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
+            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
+        s = k.shape[1]
+        q, k, v = (t.unflatten(-1, (h, d)).transpose(1, 2) for t in (q, k, v))
+
+        bias = None
+        if attn_mask is not None:
+            bias = _additive(attn_mask, True, q.dtype)
+            bias = bias.reshape(n, h, length, s) if bias.dim() == 3 else bias
+        padding = None
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+            padding = key_padding_mask
+        elif key_padding_mask is not None:
+            kpm = key_padding_mask.view(n, 1, 1, s)
+            bias = kpm if bias is None else bias + kpm
+        out = ops.attention(q, k, v, bias=bias, key_padding_mask=padding, causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention) -> MultiheadAttention:
+        """A fused module sharing ``mha``'s parameters (the same ``nn.Parameter`` objects and the same
+        ``out_proj`` module) and taking its training mode."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
+        new = cls(
+            mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
+            batch_first=mha.batch_first, device="meta",
+        )
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                     "bias_k", "bias_v", "out_proj"):
+            setattr(new, name, getattr(mha, name))
+        return new.train(mha.training)
+
+
+class Attention(nn.Module):
+    """Drop-in for timm's ``Attention`` (``timm.layers.Attention``, used by ViT/DeiT/BEiT-style blocks).
+
+    Constructor, attributes (``num_heads``, ``head_dim``, ``attn_dim``, ``scale``) and submodules
+    (``qkv``, ``q_norm``, ``k_norm``, ``attn_drop``, ``norm``, ``gate``, ``proj``, ``proj_drop``) are
+    timm 1.0's, so a timm ``state_dict`` loads as is. ``forward(x, attn_mask=None, is_causal=False)``:
+    x (B, N, dim) -> (B, N, dim_out); ``attn_mask`` broadcastable to (B, num_heads, N, N), bool
+    (True = attend, SDPA's convention) or float (added). Given together, ``attn_mask`` and
+    ``is_causal`` both apply.
+
+    Dropout on the attention probabilities (training with ``attn_drop`` > 0) runs the reference
+    (``fusedtx.reference.attention`` with dropout) and warns once.
+    """
+
+    fused_attn: bool = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_head_dim: int | None = None,
+        dim_out: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        gated: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        dim_out = dim_out or dim
+        head_dim = attn_head_dim
+        if head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            head_dim = dim // num_heads
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("norm_layer must be provided if qk_norm or scale_norm is True")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **dd) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim, **dd) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = _additive(attn_mask, False, q.dtype) if attn_mask is not None else None
+        dropout = self.attn_drop.p if self.training else 0.0
+        if _fallback(_DROPOUT if dropout > 0 else None, x.device):
+            x = reference.attention(q, k, v, bias, causal=is_causal, scale=self.scale, dropout_p=dropout)
+        else:
+            x = ops.attention(q, k, v, bias=bias, causal=is_causal, scale=self.scale)
+        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+    @classmethod
+    def from_module(cls, attn: nn.Module) -> Attention:
+        """A fused module sharing the submodules (hence the parameters) of a timm ``Attention`` and
+        taking its training mode. Older timm versions without ``norm``/``gate``/``attn_dim`` work too."""
+        missing = [a for a in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads")
+                   if not hasattr(attn, a)]
+        if missing:
+            raise TypeError(f"attn must be a timm Attention; {type(attn).__name__} lacks {missing}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads = attn.num_heads
+        new.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+        new.attn_dim = new.num_heads * new.head_dim
+        new.scale = getattr(attn, "scale", new.head_dim**-0.5)
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop"):
+            setattr(new, name, getattr(attn, name))
+        new.norm = getattr(attn, "norm", None) or nn.Identity()
+        new.gate = getattr(attn, "gate", None)
+        new.proj, new.proj_drop = attn.proj, attn.proj_drop
+        return new.train(attn.training)

@@ -1,0 +1,621 @@
+"""Triton flash attention: softmax(q·kᵀ·scale + bias, masked)·v, forward and backward, O(N) memory.
+
+Tensors are (batch, heads, seq, head_dim) with any strides; Nq may differ from Nk. Everything is
+computed in fp32 (fp16/bf16 operands feed the tensor cores; fp32 operands use tf32 dots on CUDA).
+
+Forward (one program per (batch·head, query block), a 1-D grid so batch·heads is not capped at
+65,535): a query block stays in registers while the program walks the key/value blocks once,
+keeping the running row max ``m``, row sum ``l`` and the unnormalised output ``acc`` (online
+softmax). Scores are kept in log2 units (scale·log2(e) folded into one multiply, ``exp2``). The
+log-sum-exp per row (natural log, fp32, (B, H, Nq)) is saved for the backward pass.
+
+Backward, deterministic and without atomics:
+
+* ``_attn_bwd_delta_kernel``: delta = rowsum(dO·O) per query row;
+* ``_attn_bwd_dkdv_kernel``: one program per (batch·head, key block) walks the query blocks and
+  accumulates dK and dV;
+* ``_attn_bwd_dq_kernel``: one program per (batch·head, query block) walks the key blocks for dQ;
+* ``_attn_bwd_dbias_kernel`` (only when the bias needs a gradient): one program per tile of the
+  bias's own (unbroadcast) shape recomputes dS = P·(dP − delta) for every (batch, head) the tile is
+  broadcast over, in a fixed order, and sums them in registers (and over the query rows when the
+  bias is broadcast along queries). It costs two extra score-sized matmuls but no memory beyond the
+  dbias output. A bias broadcast along keys has a zero gradient (softmax is shift-invariant); the
+  launcher returns zeros without a kernel.
+
+Masking: ``causal`` is top-left aligned as in ``F.scaled_dot_product_attention`` (query i sees keys
+j <= i); ``key_padding_mask`` (B, Nk) is True for keys to ignore; a bias of -inf masks too. Rows
+with no allowed key give zero output, lse = -inf, and zero gradients. Key blocks that need no mask
+(left of the causal diagonal, inside Nk) run a loop without any masking work; only the diagonal and
+the tail block pay for it.
+
+Compiled variants: sequence lengths and block counts are runtime ints that Triton does not
+specialise, and the block sizes depend only on the padded head dim (64 / 128 / 256 buckets), the dtype
+and whether a bias is read (:func:`configs`). So 197 and 4096 tokens run the same compiled kernel;
+the one length-dependent specialisation left is Triton's 16-alignment of strides, which a
+(1, H, N, N) bias's row stride N can flip: at most two variants of each bias-reading kernel.
+
+The per-block pieces (:func:`scores`, :func:`add_bias`, :func:`online_softmax_step`,
+:func:`finish_rows`, :func:`lse_log2`, :func:`softmax_bwd`) are the reusable core: window attention
+builds its tiles with its own index arithmetic and calls the same functions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reusable per-block core
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def add_bias(s, Bias, qi, kj, Nq, Nk, stride_bm, stride_bn):
+    """``s + bias[qi, kj]·log2(e)``: an additive bias joins log2-unit scores. ``Bias`` points at a
+    (Nq, Nk) slice read through its strides (0 on broadcast dims); elements outside it add 0."""
+    bias = tl.load(Bias + qi * stride_bm + kj * stride_bn, mask=(qi < Nq) & (kj < Nk), other=0.0)
+    return s + bias.to(tl.float32) * _LOG2E
+
+
+@triton.jit
+def scores(a, b, qk_scale, Bias, KPM, qi, kj, Nq, Nk, stride_bm, stride_bn, stride_mn,
+           HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of attention scores in log2 units: ``(a @ bᵀ)·qk_scale [+ bias·log2(e)]``, -inf where masked.
+
+    ``a`` (R, BLOCK_D) and ``b`` (C, BLOCK_D) are the row and column operands: (q, k) for a
+    (query, key) tile, (k, q) for the transposed tile. ``qi`` and ``kj`` hold the query and key index of
+    each element and broadcast to (R, C) (``offs_m[:, None], offs_n[None, :]`` or the transpose).
+    ``qk_scale`` is scale·log2(e). ``Bias`` points at this (batch, head)'s bias slice
+    (:func:`add_bias`), ``KPM`` at this batch's key padding row (nonzero = ignore the key).
+    ``MASKED`` applies ``kj < Nk`` and, with ``CAUSAL``, ``kj <= qi``: tiles that need neither may
+    skip them. Padding and bias -inf masking apply always. (Window attention calls ``tl.dot`` and
+    :func:`add_bias` itself, once per bias it adds.)
+    """
+    s = tl.dot(a, tl.trans(b)) * qk_scale
+    if HAS_BIAS:
+        s = add_bias(s, Bias, qi, kj, Nq, Nk, stride_bm, stride_bn)
+    if HAS_KPM:
+        pad = tl.load(KPM + kj * stride_mn, mask=kj < Nk, other=1)
+        s = tl.where(pad != 0, float("-inf"), s)
+    if MASKED:
+        valid = kj < Nk
+        if CAUSAL:
+            valid = valid & (kj <= qi)
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v):
+    """Fold one key block into the running state of a query block (the flash-attention recurrence).
+
+    ``s`` (BLOCK_M, BLOCK_N) fp32 scores in log2 units from :func:`scores` (-inf = masked);
+    ``v`` (BLOCK_N, BLOCK_D) the value block in the I/O dtype, finite on masked rows (load them as 0).
+    ``acc`` (BLOCK_M, BLOCK_D) fp32, ``m_i`` and ``l_i`` (BLOCK_M,) fp32 start as 0, -inf and 0.
+    Returns the updated (acc, m_i, l_i); a row with no allowed key so far keeps acc = 0, l = 0, m = -inf.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # While a row has seen no allowed key, m is -inf: exponentiate against 0 so exp2(-inf - -inf)
+    # never appears (everything is exp2(-inf) = 0 then).
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def finish_rows(acc, m_i, l_i):
+    """Normalised output (fp32) and natural-log log-sum-exp of each row of a finished query block.
+
+    Rows with no allowed key (l = 0) give an output of 0 and lse = -inf."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def lse_log2(Lse, offs, n):
+    """The saved lse of rows ``offs`` in log2 units, +inf for rows with no allowed key and rows >= n,
+    so that ``exp2(s - lse)`` recomputes their probabilities as exactly 0."""
+    lse = tl.load(Lse + offs, mask=offs < n, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+
+
+@triton.jit
+def softmax_bwd(s, lse2, dp, delta):
+    """Backward of softmax for one tile: the probabilities ``p = exp2(s - lse2)`` recomputed from the
+    log2 scores (:func:`scores`) and row lse (:func:`lse_log2`), and ``ds = p·(dp - delta)`` with
+    ``dp = dO·Vᵀ`` and ``delta = rowsum(dO·O)``; lse2 and delta broadcast to the tile. ``ds`` is the
+    gradient of the natural-unit scores (so also of the bias)."""
+    p = tl.exp2(s - lse2)
+    return p, p * (dp - delta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slice(ptr, b, h, stride_b, stride_h):
+    """Pointer to the (b, h) slice; 64-bit so that large batches do not overflow."""
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_rows(ptr, rows, n, stride_n, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of a (n, HEAD_DIM) slice as a (len(rows), BLOCK_D) tile, zero outside."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n) & (cols[None, :] < HEAD_DIM)
+    return tl.load(ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, n, stride_n, stride_d, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n) & (cols[None, :] < HEAD_DIM)
+    tl.store(ptr + rows[:, None] * stride_n + cols[None, :] * stride_d, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _key_range(m0, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For the query block starting at m0: keys [0, full) need no mask, keys [full, hi) do."""
+    full = (Nk // BLOCK_N) * BLOCK_N
+    hi = Nk
+    if CAUSAL:
+        # A key block is unmasked when its last key <= the block's first query m0.
+        full = tl.minimum(full, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Nk, m0 + BLOCK_M)
+    return full, hi
+
+
+@triton.jit
+def _split_pid(pid, n_blocks, H, REVERSE: tl.constexpr):
+    """(batch, head, block) of a program of the 1-D grid batch·heads·blocks; blocks in reverse order
+    (the longest causal rows first) when REVERSE."""
+    blk = pid % n_blocks
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    bh = pid // n_blocks
+    return bh // H, bh % H, blk
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_key_loop(acc, m_i, l_i, q, Ks, Vs, Bs, Ms, offs_m, lo, hi, Nq, Nk, qk_scale,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(Ks, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
+        v = _load_rows(Vs, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
+        s = scores(q, k, qk_scale, Bs, Ms, offs_m[:, None], offs_n[None, :], Nq, Nk,
+                   stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["Nq", "Nk", "n_qblocks"])
+def _attn_fwd_kernel(
+    Q, K, V, Bias, KPM, Out, Lse,
+    H, Nq, Nk, n_qblocks, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    b, h, qb = _split_pid(tl.program_id(0), n_qblocks, H, CAUSAL)
+    Bs = _slice(Bias, b, h, stride_bb, stride_bh)
+    Ms = KPM + b.to(tl.int64) * stride_mb
+    Ks = _slice(K, b, h, stride_kb, stride_kh)
+    Vs = _slice(V, b, h, stride_vb, stride_vh)
+    m0 = qb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(_slice(Q, b, h, stride_qb, stride_qh), offs_m, Nq, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    full, hi = _key_range(m0, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, Ks, Vs, Bs, Ms, offs_m, 0, full, Nq, Nk, qk_scale,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, False)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, Ks, Vs, Bs, Ms, offs_m, full, hi, Nq, Nk, qk_scale,
+                                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, True)
+    out, lse = finish_rows(acc, m_i, l_i)
+    _store_rows(_slice(Out, b, h, stride_ob, stride_oh), offs_m, Nq, stride_on, stride_od, out, HEAD_DIM, BLOCK_D)
+    tl.store(Lse + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["Nq", "n_qblocks"])
+def _attn_bwd_delta_kernel(
+    Out, DO, Delta, H, Nq, n_qblocks,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    b, h, qb = _split_pid(tl.program_id(0), n_qblocks, H, False)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_rows(_slice(Out, b, h, stride_ob, stride_oh), offs_m, Nq, stride_on, stride_od, HEAD_DIM, BLOCK_D)
+    do = _load_rows(_slice(DO, b, h, stride_gb, stride_gh), offs_m, Nq, stride_gn, stride_gd, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + (b * H + h).to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, lo, hi, Nq, Nk, qk_scale,
+                     stride_qn, stride_qd, stride_gn, stride_gd, stride_bm, stride_bn, stride_mn,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    # Transposed tiles (keys x queries), so that dV += Pᵀ·dO and dK += dSᵀ·Q need no register transpose.
+    # Query rows >= Nq load as zero with lse = +inf: they add exactly nothing.
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Qs, offs_m, Nq, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DOs, offs_m, Nq, stride_gn, stride_gd, HEAD_DIM, BLOCK_D)
+        st = scores(k, q, qk_scale, Bs, Ms, offs_m[None, :], offs_n[:, None], Nq, Nk,
+                    stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED)
+        lse2 = lse_log2(Ls, offs_m, Nq)
+        delta = tl.load(Ds + offs_m, mask=offs_m < Nq, other=0.0)
+        dpt = tl.dot(v, tl.trans(do))
+        pt, dst = softmax_bwd(st, lse2[None, :], dpt, delta[None, :])
+        dv += tl.dot(pt.to(do.dtype), do)
+        dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Nq", "Nk", "n_kblocks"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, Bias, KPM, DO, Lse, Delta, DK, DV,
+    H, Nq, Nk, n_kblocks, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mn,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    b, h, kb = _split_pid(tl.program_id(0), n_kblocks, H, False)
+    n0 = kb * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(_slice(K, b, h, stride_kb, stride_kh), offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
+    v = _load_rows(_slice(V, b, h, stride_vb, stride_vh), offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
+    Qs = _slice(Q, b, h, stride_qb, stride_qh)
+    DOs = _slice(DO, b, h, stride_gb, stride_gh)
+    Bs = _slice(Bias, b, h, stride_bb, stride_bh)
+    Ms = KPM + b.to(tl.int64) * stride_mb
+    Ls = Lse + (b * H + h).to(tl.int64) * Nq
+    Ds = Delta + (b * H + h).to(tl.int64) * Nq
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    full = 0
+    if CAUSAL:
+        # Queries i < n0 see none of these keys; query blocks starting at or after the block's last
+        # key see all of them; the ones in between straddle the diagonal and are masked.
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        full = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, tl.cdiv(Nq, BLOCK_M) * BLOCK_M)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, lo, full, Nq, Nk, qk_scale,
+                                  stride_qn, stride_qd, stride_gn, stride_gd, stride_bm, stride_bn, stride_mn,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, HAS_BIAS, HAS_KPM, CAUSAL, True)
+    # Key rows >= Nk of this block are never stored, so the remaining tiles need no key mask.
+    dk, dv = _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, full, Nq, Nq, Nk, qk_scale,
+                              stride_qn, stride_qd, stride_gn, stride_gd, stride_bm, stride_bn, stride_mn,
+                              HEAD_DIM, BLOCK_D, BLOCK_M, HAS_BIAS, HAS_KPM, CAUSAL, False)
+    _store_rows(_slice(DK, b, h, stride_xb, stride_xh), offs_n, Nk, stride_xn, stride_xd, dk * sm_scale,
+                HEAD_DIM, BLOCK_D)
+    _store_rows(_slice(DV, b, h, stride_xb, stride_xh), offs_n, Nk, stride_xn, stride_xd, dv, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_key_loop(dq, q, do, lse2, delta, Ks, Vs, Bs, Ms, offs_m, lo, hi, Nq, Nk, qk_scale,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(Ks, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
+        v = _load_rows(Vs, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
+        s = scores(q, k, qk_scale, Bs, Ms, offs_m[:, None], offs_n[None, :], Nq, Nk,
+                   stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED)
+        dp = tl.dot(do, tl.trans(v))
+        _, ds = softmax_bwd(s, lse2[:, None], dp, delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Nq", "Nk", "n_qblocks"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, Bias, KPM, DO, Lse, Delta, DQ,
+    H, Nq, Nk, n_qblocks, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mn,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    b, h, qb = _split_pid(tl.program_id(0), n_qblocks, H, CAUSAL)
+    m0 = qb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = _load_rows(_slice(Q, b, h, stride_qb, stride_qh), offs_m, Nq, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
+    do = _load_rows(_slice(DO, b, h, stride_gb, stride_gh), offs_m, Nq, stride_gn, stride_gd, HEAD_DIM, BLOCK_D)
+    row = (b * H + h).to(tl.int64) * Nq
+    lse2 = lse_log2(Lse + row, offs_m, Nq)
+    delta = tl.load(Delta + row + offs_m, mask=offs_m < Nq, other=0.0)
+    Ks = _slice(K, b, h, stride_kb, stride_kh)
+    Vs = _slice(V, b, h, stride_vb, stride_vh)
+    Bs = _slice(Bias, b, h, stride_bb, stride_bh)
+    Ms = KPM + b.to(tl.int64) * stride_mb
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full, hi = _key_range(m0, Nk, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _dq_key_loop(dq, q, do, lse2, delta, Ks, Vs, Bs, Ms, offs_m, 0, full, Nq, Nk, qk_scale,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                      HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, False)
+    dq = _dq_key_loop(dq, q, do, lse2, delta, Ks, Vs, Bs, Ms, offs_m, full, hi, Nq, Nk, qk_scale,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
+                      HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, True)
+    _store_rows(_slice(DQ, b, h, stride_xb, stride_xh), offs_m, Nq, stride_xn, stride_xd, dq * sm_scale,
+                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit(do_not_specialize=["Nq", "Nk", "n_qtiles", "n_kblocks", "rep_b", "rep_h", "n_qsteps"])
+def _attn_bwd_dbias_kernel(
+    Q, K, V, Bias, KPM, DO, Lse, Delta, DBias,
+    H, Nq, Nk, n_qtiles, n_kblocks, rep_b, rep_h, n_qsteps, qk_scale,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mb, stride_mn,
+    stride_gb, stride_gh, stride_gn, stride_gd,
+    stride_xb, stride_xh, stride_xm,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SUM_ROWS: tl.constexpr,
+):
+    # The program owns one tile of dbias in the bias's own shape (DB, DH, Nq or 1, Nk): bias batch
+    # index bb, head index hh, query tile qt (0 when SUM_ROWS), key block kb. The (batch, head) pairs
+    # broadcast onto it are b = bb + i (i < rep_b; rep_b = B when the bias has batch 1, else 1), and
+    # likewise for heads; with SUM_ROWS it also walks every query block and sums the rows.
+    pid = tl.program_id(0)
+    kb = pid % n_kblocks
+    qt = (pid // n_kblocks) % n_qtiles
+    bh = pid // (n_kblocks * n_qtiles)
+    n_hh = H // rep_h
+    bb = bh // n_hh
+    hh = bh % n_hh
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, rep_b):
+        b = bb + i
+        Ms = KPM + b.to(tl.int64) * stride_mb
+        for j in range(0, rep_h):
+            h = hh + j
+            k = _load_rows(_slice(K, b, h, stride_kb, stride_kh), offs_n, Nk, stride_kn, stride_kd,
+                           HEAD_DIM, BLOCK_D)
+            v = _load_rows(_slice(V, b, h, stride_vb, stride_vh), offs_n, Nk, stride_vn, stride_vd,
+                           HEAD_DIM, BLOCK_D)
+            row = (b * H + h).to(tl.int64) * Nq
+            for t in range(0, n_qsteps):
+                offs_m = (qt + t) * BLOCK_M + tl.arange(0, BLOCK_M)
+                q = _load_rows(_slice(Q, b, h, stride_qb, stride_qh), offs_m, Nq, stride_qn, stride_qd,
+                               HEAD_DIM, BLOCK_D)
+                do = _load_rows(_slice(DO, b, h, stride_gb, stride_gh), offs_m, Nq, stride_gn, stride_gd,
+                                HEAD_DIM, BLOCK_D)
+                s = scores(q, k, qk_scale, _slice(Bias, b, h, stride_bb, stride_bh), Ms,
+                           offs_m[:, None], offs_n[None, :], Nq, Nk, stride_bm, stride_bn, stride_mn,
+                           True, HAS_KPM, CAUSAL, True)
+                delta = tl.load(Delta + row + offs_m, mask=offs_m < Nq, other=0.0)
+                _, ds = softmax_bwd(s, lse_log2(Lse + row, offs_m, Nq)[:, None], tl.dot(do, tl.trans(v)),
+                                    delta[:, None])
+                acc += ds
+    DBs = DBias + bb.to(tl.int64) * stride_xb + hh.to(tl.int64) * stride_xh
+    if SUM_ROWS:
+        tl.store(DBs + offs_n, tl.sum(acc, axis=0).to(DBias.dtype.element_ty), mask=offs_n < Nk)
+    else:
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
+        tl.store(DBs + offs_m[:, None] * stride_xm + offs_n[None, :], acc.to(DBias.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configurations and launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (>= 16, the smallest tl.dot size): 80 -> 128 lanes."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# (kernel, padded head dim, fp32?) -> (BLOCK_M, BLOCK_N, num_warps); num_stages is 3 throughout.
+# BLOCK_M counts queries and BLOCK_N keys in every kernel. Chosen so that the sm_90a builds neither
+# spill nor exceed shared memory, also with a bias whose rows are not 16-element aligned (N = 197)
+# (python -m bench.sm90_resources attention); not yet tuned on a GPU.
+_GPU_CONFIGS = {
+    ("fwd", 64, False): (128, 64, 8), ("fwd", 128, False): (128, 64, 8), ("fwd", 256, False): (64, 32, 8),
+    ("fwd", 64, True): (64, 32, 4), ("fwd", 128, True): (64, 32, 8), ("fwd", 256, True): (64, 16, 8),
+    ("dkdv", 64, False): (64, 128, 8), ("dkdv", 128, False): (32, 128, 8), ("dkdv", 256, False): (16, 64, 8),
+    ("dkdv", 64, True): (32, 64, 8), ("dkdv", 128, True): (32, 32, 8), ("dkdv", 256, True): (16, 32, 8),
+    ("dq", 64, False): (128, 64, 8), ("dq", 128, False): (128, 32, 8), ("dq", 256, False): (64, 32, 8),
+    ("dq", 64, True): (64, 32, 4), ("dq", 128, True): (64, 32, 8), ("dq", 256, True): (32, 16, 8),
+    ("dbias", 64, False): (64, 64, 8), ("dbias", 128, False): (64, 32, 8), ("dbias", 256, False): (64, 32, 8),
+    ("dbias", 64, True): (64, 32, 8), ("dbias", 128, True): (64, 32, 8), ("dbias", 256, True): (32, 16, 8),
+}
+# With a bias the forward's 128-lane head dims take narrower key blocks (the bias tile's registers).
+_GPU_BIAS_CONFIGS = {("fwd", 128, False): (128, 32, 8)}
+NUM_STAGES = 3
+# The interpreter runs a single small config (unequal blocks, so the causal ranges are exercised).
+_INTERPRETER_CONFIG = {"fwd": (64, 32, 1), "dkdv": (32, 64, 1), "dq": (64, 32, 1), "dbias": (32, 64, 1)}
+
+
+def configs(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of kernel ``kind`` ("fwd", "dkdv", "dq", "dbias") for a head dim,
+    dtype and whether a bias is read. Independent of sequence length."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return _INTERPRETER_CONFIG[kind]
+    key = (kind, max(64, block_d(head_dim)), dtype == torch.float32)
+    return (_GPU_BIAS_CONFIGS if has_bias and key in _GPU_BIAS_CONFIGS else _GPU_CONFIGS)[key]
+
+
+def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """Strides of a 4-D tensor with 0 on size-1 (broadcast) dims; zeros for None."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(s if n > 1 else 0 for n, s in zip(t.shape, t.stride(), strict=True))
+
+
+def _optional_args(q: torch.Tensor, bias: torch.Tensor | None, key_padding_mask: torch.Tensor | None):
+    """Bias and key padding mask pointers (``q`` stands in for an absent one: never read) and strides."""
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None  # same bytes, 0/1
+    kpm_strides = kpm.stride() if kpm is not None else (0, 0)
+    return (bias if bias is not None else q, kpm if kpm is not None else q), (*_strides4(bias), *kpm_strides)
+
+
+def empty_bnhd(b: int, h: int, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+    """A (b, h, n, d) tensor whose memory is (b, n, h, d): outputs come out in that layout, so merging
+    the heads back (``.transpose(1, 2).reshape(b, n, h * d)``) is free."""
+    return torch.empty((b, n, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward. q (B, H, Nq, D), k and v (B, H, Nk, D), any strides; ``bias`` 4-D, broadcastable to
+    (B, H, Nq, Nk) through size-1 dims; ``key_padding_mask`` bool (B, Nk), True = ignore.
+    Returns out (B, H, Nq, D) in q's dtype (memory laid out (B, Nq, H, D)) and lse (B, H, Nq) fp32."""
+    bsz, heads, nq, d = q.shape
+    nk = k.shape[2]
+    out = empty_bnhd(bsz, heads, nq, d, q)
+    lse = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, warps = configs("fwd", d, q.dtype, bias is not None)
+    n_qblocks = triton.cdiv(nq, block_m)
+    (bias_ptr, kpm_ptr), mask_strides = _optional_args(q, bias, key_padding_mask)
+    _attn_fwd_kernel[(bsz * heads * n_qblocks,)](
+        q, k, v, bias_ptr, kpm_ptr, out, lse,
+        heads, nq, nk, n_qblocks, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+        num_warps=warps, num_stages=NUM_STAGES,
+    )
+    return out, lse
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward. Same conventions as :func:`attention_fwd`; ``out`` and ``lse`` are what it returned,
+    ``do`` the gradient of ``out`` (any strides). Returns dq, dk, dv (memory laid out (B, N, H, D))
+    and, when ``bias_grad``, dbias of the bias's shape and dtype (else None)."""
+    bsz, heads, nq, d = q.shape
+    nk = k.shape[2]
+    dq = empty_bnhd(bsz, heads, nq, d, q)
+    dk = empty_bnhd(bsz, heads, nk, d, k)
+    dv = empty_bnhd(bsz, heads, nk, d, v)
+    # dbias in the bias's 4-D shape, contiguous (the dbias kernel writes rows of contiguous keys).
+    dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if bias_grad else None
+    if bsz * heads == 0 or nq == 0:  # nothing reaches k, v or the bias
+        for t in (dk, dv, dbias):
+            if t is not None:
+                t.zero_()
+        return dq, dk, dv, dbias
+    bd = block_d(d)
+    (bias_ptr, kpm_ptr), mask_strides = _optional_args(q, bias, key_padding_mask)
+    common = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+                  num_stages=NUM_STAGES)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
+
+    delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
+    block_m, _, warps = configs("dq", d, q.dtype)
+    n_qblocks = triton.cdiv(nq, block_m)
+    _attn_bwd_delta_kernel[(bsz * heads * n_qblocks,)](
+        out, do, delta, heads, nq, n_qblocks, *out.stride(), *do.stride(),
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, num_warps=warps,
+    )
+    if nk > 0:
+        block_m, block_n, warps = configs("dkdv", d, q.dtype)
+        n_kblocks = triton.cdiv(nk, block_n)
+        _attn_bwd_dkdv_kernel[(bsz * heads * n_kblocks,)](
+            q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dk, dv,
+            heads, nq, nk, n_kblocks, scale * LOG2E, scale, *strides, *dk.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, **common,
+        )
+    block_m, block_n, warps = configs("dq", d, q.dtype)
+    _attn_bwd_dq_kernel[(bsz * heads * n_qblocks,)](
+        q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dq,
+        heads, nq, nk, n_qblocks, scale * LOG2E, scale, *strides, *dq.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, **common,
+    )
+    if dbias is not None and dbias.numel() > 0:
+        if bias.shape[3] == 1:
+            dbias.zero_()  # a bias constant along the keys shifts every score of a row: no gradient
+        else:
+            block_m, block_n, warps = configs("dbias", d, q.dtype)
+            sum_rows = bias.shape[2] == 1 and nq > 1
+            # Program tiles along the queries, and query blocks each one walks (all of them with SUM_ROWS).
+            n_qtiles, n_qsteps = (1, triton.cdiv(nq, block_m)) if sum_rows else (triton.cdiv(nq, block_m), 1)
+            rep_b = bsz if bias.shape[0] == 1 else 1
+            rep_h = heads if bias.shape[1] == 1 else 1
+            n_kblocks = triton.cdiv(nk, block_n)
+            grid = (bias.shape[0] * bias.shape[1] * n_qtiles * n_kblocks,)
+            _attn_bwd_dbias_kernel[grid](
+                q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dbias,
+                heads, nq, nk, n_qtiles, n_kblocks, rep_b, rep_h, n_qsteps, scale * LOG2E,
+                *strides, *dbias.stride()[:3],
+                BLOCK_M=block_m, BLOCK_N=block_n, SUM_ROWS=sum_rows, num_warps=warps, **common,
+            )
+    return dq, dk, dv, dbias
