@@ -114,10 +114,40 @@ def _attention_configs():
         yield f"{kind} {dtype} D={d}{flags} [{bm}x{bn} w{warps}]", fn, sig, consts, warps
 
 
+def _sinusoidal_configs():
+    import math
+
+    import torch
+
+    from fusedtx.kernels import sinusoidal as k
+
+    fn = k._sinusoidal_kernel
+    cuda = torch.device("cuda")  # _config only reads the device type
+    # (layouts table, layout, dim, fused add, position ids): the 1D and 2D layouts at ViT / LLM widths.
+    cases = [(k.LAYOUTS_1D, "interleaved", d, add, add) for d in (768, 4096) for add in (False, True)]
+    cases += [(k.LAYOUTS_1D, "concat", 1024, add, False) for add in (False, True)]
+    cases += [(k.LAYOUTS_2D, layout, d, add, False) for layout in ("mae", "timm") for d in (768, 1024)
+              for add in (False, True)]
+    for dtype in ("bf16", "fp32"):
+        for layouts, layout, d, add, has_pos in cases:
+            slots = 1 if layouts is k.LAYOUTS_1D else 2
+            nf = d // (2 * slots)
+            code, first_is_col = layouts[layout]
+            bt, bk, warps = k._config(4096, nf, cuda)
+            sig = {n: "i32" for n in fn.arg_names}
+            sig.update(X=f"*{dtype}", Y=f"*{dtype}", POS="*i64", offset="i64", inv_grid_w="fp32")
+            consts = dict(NF=nf, SLOTS=slots, FREQ_LOG2=-math.log2(10000.0) / nf, LAYOUT=code,
+                          FIRST_IS_COL=first_is_col, HAS_X=add, HAS_POS=has_pos, BLOCK_T=bt, BLOCK_K=bk, stride_xd=1)
+            sig.update({c: "constexpr" for c in consts})
+            what = ("add " if add else "generate ") + ("2D " if slots == 2 else "1D ") + layout
+            yield f"{what} {dtype} D={d}{' +ids' if has_pos else ''} [{bt}x{bk} w{warps}]", fn, sig, consts, warps
+
+
 # family -> generator of (label, kernel, signature, constexprs, num_warps)
 CONFIGS = {
     "layer_norm_gelu": _layer_norm_gelu_configs,
     "attention": _attention_configs,
+    "sinusoidal": _sinusoidal_configs,
 }
 
 

@@ -8,19 +8,27 @@ Functional ops live at the top level (``fusedtx.layer_norm_gelu``, ...), drop-in
 from fusedtx import nn, reference
 from fusedtx._backend import use_backend
 from fusedtx.ops import (
+    add_sincos_2d,
+    add_sinusoidal,
     attention,
     layer_norm,
     layer_norm_gelu,
+    sincos_2d,
+    sinusoidal_encoding,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "add_sincos_2d",
+    "add_sinusoidal",
     "attention",
     "layer_norm",
     "layer_norm_gelu",
     "nn",
     "reference",
+    "sincos_2d",
+    "sinusoidal_encoding",
     "use_backend",
     "__version__",
 ]

@@ -121,3 +121,118 @@ def attention(
     if not return_lse:
         return out
     return out, (m + torch.log(total)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# sinusoidal
+# --------------------------------------------------------------------------------------------------
+
+SINUSOIDAL_LAYOUTS = ("interleaved", "concat")
+SINCOS_2D_LAYOUTS = ("mae", "mae_hw", "timm")
+
+
+def sinusoidal_frequencies(count: int, base: float, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """``1 / base^(i / count)`` for i in [0, count): with count = d/2 these are the 1D encoding's
+    ``1 / base^(2i/d)``; with count = d/4, the 2D encoding's per-axis frequencies."""
+    return base ** -(torch.arange(count, dtype=dtype, device=device) / count)
+
+
+def sinusoidal_encoding(
+    length: int,
+    dim: int,
+    positions: torch.Tensor | None = None,
+    offset: int = 0,
+    base: float = 10000.0,
+    layout: str = "interleaved",
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """``PE(pos, 2i) = sin(pos / base^(2i/dim))``, ``PE(pos, 2i+1) = cos(pos / base^(2i/dim))``.
+
+    Positions are ``offset + arange(length)``, or ``positions + offset`` for an integer tensor
+    ``positions`` of shape (length,) or (batch, length). Returns (length, dim) or (batch, length, dim)
+    in ``dtype``. ``layout="interleaved"`` is the formula as written (sin, cos, sin, cos, ...);
+    ``"concat"`` puts all sines first: [sin(pos * f_0..f_{d/2-1}) | cos(...)].
+    """
+    ct = compute_dtype(dtype)
+    if positions is None:
+        positions = torch.arange(length, device=device)
+    pos = (positions.long() + offset).to(ct)
+    angle = pos.unsqueeze(-1) * sinusoidal_frequencies(dim // 2, base, ct, positions.device)
+    if layout == "interleaved":
+        pe = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)
+    elif layout == "concat":
+        pe = torch.cat([angle.sin(), angle.cos()], dim=-1)
+    else:
+        raise ValueError(f"layout must be one of {SINUSOIDAL_LAYOUTS}, got {layout!r}")
+    return pe.to(dtype)
+
+
+def sincos_2d(
+    grid_h: int,
+    grid_w: int,
+    dim: int,
+    base: float = 10000.0,
+    num_prefix_tokens: int = 0,
+    layout: str = "mae",
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """The 2D sin-cos encoding of a grid_h x grid_w patch grid: (num_prefix_tokens + grid_h * grid_w, dim).
+
+    Patches are in row-major order (token ``num_prefix_tokens + y * grid_w + x``); the prefix (class)
+    tokens get zeros. Each quarter of the channels holds sin or cos of one axis' coordinate times the
+    frequencies ``1 / base^(i / (dim/4))``, i < dim/4, in the order of ``layout``:
+
+    * ``"mae"``: [sin x | cos x | sin y | cos y], x the column: MAE's ``get_2d_sincos_pos_embed`` (its
+      ``np.meshgrid(grid_w, grid_h)`` makes ``grid[0]``, named emb_h, the column index);
+    * ``"mae_hw"``: [sin y | cos y | sin x | cos x]: rows first; timm's ``build_sincos2d_pos_embed``
+      with ``interleave_sin_cos=True``;
+    * ``"timm"``: [sin y | sin x | cos y | cos x]: timm's ``build_sincos2d_pos_embed`` default.
+    """
+    ct = compute_dtype(dtype)
+    y, x = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij")
+    omega = sinusoidal_frequencies(dim // 4, base, ct, device)
+    ay = y.reshape(-1, 1).to(ct) * omega
+    ax = x.reshape(-1, 1).to(ct) * omega
+    if layout == "mae":
+        parts = [ax.sin(), ax.cos(), ay.sin(), ay.cos()]
+    elif layout == "mae_hw":
+        parts = [ay.sin(), ay.cos(), ax.sin(), ax.cos()]
+    elif layout == "timm":
+        parts = [ay.sin(), ax.sin(), ay.cos(), ax.cos()]
+    else:
+        raise ValueError(f"layout must be one of {SINCOS_2D_LAYOUTS}, got {layout!r}")
+    prefix = torch.zeros(num_prefix_tokens, dim, dtype=ct, device=device)
+    return torch.cat([prefix, torch.cat(parts, dim=1)], dim=0).to(dtype)
+
+
+def add_sinusoidal(
+    x: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    offset: int = 0,
+    base: float = 10000.0,
+    layout: str = "interleaved",
+) -> torch.Tensor:
+    """``x + PE`` for x of (batch, seq, dim): the encoding of ``offset + arange(seq)``, or of
+    ``positions + offset`` ((seq,) or (batch, seq) integers). Added in the compute dtype, rounded once to
+    x's dtype."""
+    ct = compute_dtype(x.dtype)
+    _, seq, dim = x.shape
+    pe = sinusoidal_encoding(seq, dim, positions, offset, base, layout, ct, x.device)
+    return (x.to(ct) + pe).to(x.dtype)
+
+
+def add_sincos_2d(
+    x: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    num_prefix_tokens: int = 0,
+    base: float = 10000.0,
+    layout: str = "mae",
+) -> torch.Tensor:
+    """``x + sincos_2d(grid_h, grid_w, ...)`` for x of (batch, num_prefix_tokens + grid_h * grid_w, dim);
+    the prefix tokens pass unchanged. Added in the compute dtype, rounded once to x's dtype."""
+    ct = compute_dtype(x.dtype)
+    pe = sincos_2d(grid_h, grid_w, x.shape[-1], base, num_prefix_tokens, layout, ct, x.device)
+    return (x.to(ct) + pe).to(x.dtype)

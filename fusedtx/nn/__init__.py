@@ -2,10 +2,13 @@
 
 from fusedtx.nn.attention import Attention, MultiheadAttention
 from fusedtx.nn.layer_norm_gelu import LayerNorm, LayerNormGELU
+from fusedtx.nn.sinusoidal import SinCos2dPositionalEncoding, SinusoidalPositionalEncoding
 
 __all__ = [
     "Attention",
     "LayerNorm",
     "LayerNormGELU",
     "MultiheadAttention",
+    "SinCos2dPositionalEncoding",
+    "SinusoidalPositionalEncoding",
 ]
