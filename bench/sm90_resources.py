@@ -33,7 +33,12 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], n
     """Compile ``fn`` for sm_90a; ``signature`` maps every argument to a Triton type (``"*bf16"``,
     ``"i32"``, ``"fp32"``, ``"constexpr"``), ``constexprs`` gives the constexpr values."""
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs=consts)
+    # A real launch tells the compiler which pointers are 16-byte aligned (torch's allocations are) and
+    # which integers are multiples of 16 (strides of the usual shapes); without the same hints the build
+    # would use narrow loads and more registers than the real one.
+    aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
+               if t.startswith("*") or (k.startswith("stride") and t == "i32")}
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned)
     compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
