@@ -10,6 +10,7 @@ since its ``forward`` may differ. ``unswap(model)`` puts the stock modules back.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,9 +30,39 @@ class Rule:
     convert: Callable[[nn.Module], nn.Module]
 
 
+def _hf_attention(module: nn.Module) -> nn.Module:
+    """A shallow copy of a Hugging Face attention module (same submodules and parameters) whose own copy
+    of the config selects fusedtx's attention function through transformers' ``AttentionInterface``."""
+    if "_attn_implementation" not in inspect.getsource(type(module).forward):
+        raise ValueError("this transformers version computes attention inside the module (no attention "
+                         "interface); transformers >= 4.48 is needed")
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("fusedtx", fnn.attention.hf_attention_forward)
+    fused = copy.copy(module)
+    for registry in ("_modules", "_parameters", "_buffers"):  # its own registries, holding the same entries
+        object.__setattr__(fused, registry, dict(getattr(module, registry)))
+    fused.config = copy.copy(module.config)
+    fused.config._attn_implementation = "fusedtx"
+    return fused
+
+
 RULES: list[Rule] = [
     Rule("norm", "LayerNorm", ("torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"),
          fnn.LayerNorm.from_module),
+    # torchvision's ViT encoder blocks use nn.MultiheadAttention too.
+    Rule("attention", "MultiheadAttention", ("torch.nn.modules.activation.MultiheadAttention",),
+         fnn.MultiheadAttention.from_module),
+    Rule("attention", "timm Attention",
+         ("timm.layers.attention.Attention", "timm.models.vision_transformer.Attention"),
+         fnn.Attention.from_module),
+    Rule("attention", "Hugging Face attention",
+         ("transformers.models.vit.modeling_vit.ViTAttention",
+          "transformers.models.vit.modeling_vit.ViTSelfAttention",
+          "transformers.models.vit.modeling_vit.ViTSdpaSelfAttention",
+          "transformers.models.swin.modeling_swin.SwinAttention",
+          "transformers.models.swin.modeling_swin.SwinSelfAttention"),
+         _hf_attention),
 ]
 
 
@@ -86,7 +117,9 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
     ``inplace=False`` a deep copy is swapped and the original is untouched. Returns a
     :class:`SwapReport` whose ``model`` is the swapped model (``model`` itself when in place).
     Known: ``torch.nn.LayerNorm`` (and timm's LayerNorm), and a LayerNorm directly followed by
-    ``nn.GELU`` / ``nn.ReLU`` in an ``nn.Sequential`` (fused into one ``LayerNormGELU``).
+    ``nn.GELU`` / ``nn.ReLU`` in an ``nn.Sequential`` (fused into one ``LayerNormGELU``);
+    ``torch.nn.MultiheadAttention`` (torchvision's ViT too), timm's ``Attention``, and Hugging Face's
+    ViT and Swin attention modules (transformers >= 4.48, through its attention interface).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

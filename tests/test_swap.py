@@ -11,24 +11,81 @@ from tests.conftest import DEVICE
 from tests.helpers import assert_close
 
 
-def _forward_backward(model, x):
+def _forward_backward(model, x, dy=None):
+    """Output and input gradient for the upstream gradient ``dy`` (random, drawn on the first call: a
+    constant one would be cancelled by a final LayerNorm, leaving rounding noise to compare)."""
     x = x.detach().clone().requires_grad_()
     out = model(x)
     out = out if isinstance(out, torch.Tensor) else out[0]
-    out.backward(torch.ones_like(out))
-    return out.detach(), x.grad
+    dy = torch.randn_like(out) if dy is None else dy
+    out.backward(dy)
+    return out.detach(), x.grad, dy
 
 
 def _check_swap_matches(model, x, expected_counts, **kwargs):
     keys = list(model.state_dict())
-    ref_out, ref_grad = _forward_backward(model, x)
+    ref_out, ref_grad, dy = _forward_backward(model, x)
     report = swap(model, **kwargs)
     assert dict(report.replaced) == expected_counts, str(report)
     assert report.model is model and list(model.state_dict()) == keys
-    out, grad = _forward_backward(model, x)
+    out, grad, _ = _forward_backward(model, x, dy)
     assert_close(out, ref_out, torch.float32, "output", tol=1e-5)
     assert_close(grad, ref_grad, torch.float32, "input gradient", tol=1e-5)
     return report
+
+
+@pytest.mark.parametrize("img_size", [224, 320])
+def test_timm_vit(img_size):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2).to(DEVICE)
+    x = torch.randn(1, 3, img_size, img_size, device=DEVICE)
+    _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2})
+    assert isinstance(model.blocks[0].attn, fusedtx.nn.Attention)
+
+
+def test_torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    model.to(DEVICE)
+    _check_swap_matches(model, torch.randn(2, 3, 32, 32, device=DEVICE), {"LayerNorm": 5, "MultiheadAttention": 2})
+
+
+def test_hugging_face_vit_and_swin():
+    transformers = pytest.importorskip("transformers")
+    vit = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8))
+    report = _check_swap_matches(_LastHidden(vit.to(DEVICE)), torch.randn(1, 3, 32, 32, device=DEVICE),
+                                 {"LayerNorm": 5, "Hugging Face attention": 2})
+    assert vit.config._attn_implementation != "fusedtx"  # only the swapped modules' own config copies
+    swin = transformers.SwinModel(transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=4))
+    x = torch.randn(1, 3, 36, 44, device=DEVICE)  # not a multiple of the window: padded windows
+    _check_swap_matches(_LastHidden(swin.to(DEVICE)), x, {"LayerNorm": 6, "Hugging Face attention": 2})
+    unswap(report.model)
+
+
+class _LastHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, interpolate_pos_encoding=True).last_hidden_state
+
+
+def test_swapped_model_runs_under_torch_compile():
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU())
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    swap(model)
+    swap(nn.ModuleList([mha]))
+    x = torch.randn(2, 5, 16, device=DEVICE)
+
+    def f(x):
+        h = model(x)
+        return mha(h, h, h, need_weights=False)[0]
+
+    assert_close(torch.compile(f)(x), f(x), torch.float32, tol=1e-5)
 
 
 def test_timm_vit_layer_norms():

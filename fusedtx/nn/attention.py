@@ -244,3 +244,23 @@ class Attention(nn.Module):
         new.gate = getattr(attn, "gate", None)
         new.proj, new.proj_drop = attn.proj, attn.proj_drop
         return new.train(attn.training)
+
+
+def hf_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                         attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs) -> tuple[Tensor, None]:
+    """The fused op behind Hugging Face transformers' attention interface (``AttentionInterface``).
+
+    :func:`fusedtx.swap` registers it as ``"fusedtx"`` and points the swapped modules' (copied) config at
+    it. ``query`` (B, H, Nq, D), ``key`` and ``value`` (B, H, Nk, D); ``attention_mask`` additive float
+    broadcastable to (B, H, Nq, Nk) (ViT passes none, Swin its relative position bias plus shift mask), or
+    bool with True = attend. Returns ``(output (B, Nq, H, D), None)``, as transformers' functions do when
+    no weights are wanted. Dropout in training takes the reference with a one-time warning.
+    """
+    bias = _additive(attention_mask, False, query.dtype) if attention_mask is not None else None
+    p = dropout if module.training else 0.0
+    if _fallback(_DROPOUT if p > 0 else None, query.device):
+        out = reference.attention(query, key, value, bias, scale=scaling, dropout_p=p)
+    else:
+        out = ops.attention(query, key, value, bias=bias, scale=scaling)
+    return out.transpose(1, 2), None
