@@ -144,7 +144,8 @@ def report(args, device: torch.device, stock: Run, fused: Run, max_diff: float, 
         "|---|---:|---:|---:|",
     ]
     for run in (stock, fused):
-        lines.append(f"| {run.label} | {run.median_ms:.2f} | {1e3 * batch / run.median_ms:.1f} | {run.peak_mb:.0f} |")
+        peak = f"{run.peak_mb:.0f}" if run.peak_mb == run.peak_mb else "n/a"
+        lines.append(f"| {run.label} | {run.median_ms:.2f} | {1e3 * batch / run.median_ms:.1f} | {peak} |")
     lines += [
         "",
         f"Speedup (stock / fusedtx): **{speedup:.2f}x**. Largest output difference: {max_diff:.3e}.",
