@@ -23,7 +23,8 @@ ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Single pass: narrow rows are packed up to ROWS_TILE elements per program (16 rows at most); a row wider
 # than that is one program, up to FWD_TILE / BWD_TILE wide; 8 elements per thread, 16 warps at most.
-# Wider rows take the chunked path in CHUNK-wide pieces. Sized so the sm_90a builds do not spill (python -m bench.sm90_resources layer_norm_gelu).
+# Wider rows take the chunked path in CHUNK-wide pieces. Sized so that the sm_90a builds do not spill
+# (python -m bench.sm90_resources layer_norm_gelu).
 FWD_TILE = 16384
 BWD_TILE = 4096
 ROWS_TILE = 2048
