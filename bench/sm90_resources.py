@@ -148,11 +148,50 @@ def _sinusoidal_configs():
             yield f"{what} {dtype} D={d}{' +ids' if has_pos else ''} [{bt}x{bk} w{warps}]", fn, sig, consts, warps
 
 
+def _window_attention_configs():
+    from fusedtx.kernels import window_attention as k
+
+    unit = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
+    # (kind, window, head dim): Swin's windows 7 and 8 (one tile: backward with dQ fused) and 12 and 16
+    # (multi-block: backward plus the dQ kernel), head dims 32 (Swin) and 64.
+    cases = [(kind, ws, d) for ws in (7, 8, 12, 16) for d in (32, 64) for kind in ("fwd", "bwd")]
+    cases += [("dq", ws, d) for ws in (12, 16) for d in (32, 64)]
+    for dtype in ("bf16", "fp32"):
+        for kind, ws, d in cases:
+            if kind == "bwd" and dtype == "fp32" and ws > 8 and d > 32:
+                continue  # not covered: the reference runs it (fusedtx.ops._window_unsupported)
+            fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
+                  "dq": k._window_attn_bwd_dq_kernel}[kind]
+            sig = {n: "i32" for n in fn.arg_names}
+            sig.update({n: f"*{dtype}" for n in ("QKV", "Out", "DO", "DQKV") if n in sig})
+            sig.update({n: "*fp32" for n in ("Table", "Fill", "Mask", "Lse", "DBias", "DFill") if n in sig})
+            sig.update({n: "fp32" for n in ("qk_scale", "sm_scale") if n in sig})
+            tokens = ws * ws
+            bm, bn, warps = k.configs(kind, tokens)
+            consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
+                          TORCHVISION=False, HAS_FILL=True, HAS_MASK=False)
+            consts.update({n: 1 for n in unit if n in sig})
+            if kind == "bwd":
+                consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True,
+                              STAGES=k.BWD_STAGES)
+            else:
+                consts["BLOCK_M"] = bm
+            sig.update({c: "constexpr" for c in consts})
+            yield f"{kind} {dtype} window {ws} D={d} [{bm}x{bn} w{warps}]", fn, sig, consts, warps
+    fn = k._table_grad_kernel
+    for ws in (7, 16):
+        consts = dict(WH=ws, WW=ws, BLOCK_Q=k.block_q(ws * ws), stride_t1=1)
+        sig = {n: "i32" for n in fn.arg_names}
+        sig.update(DBias="*fp32", DTable="*fp32", **{c: "constexpr" for c in consts})
+        yield f"table grad window {ws} [w4]", fn, sig, consts, 4
+
+
 # family -> generator of (label, kernel, signature, constexprs, num_warps)
 CONFIGS = {
     "layer_norm_gelu": _layer_norm_gelu_configs,
     "attention": _attention_configs,
     "sinusoidal": _sinusoidal_configs,
+    "window_attention": _window_attention_configs,
 }
 
 

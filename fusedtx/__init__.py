@@ -15,6 +15,7 @@ from fusedtx.ops import (
     layer_norm_gelu,
     sincos_2d,
     sinusoidal_encoding,
+    window_attention,
 )
 
 __version__ = "0.1.0"
@@ -30,5 +31,6 @@ __all__ = [
     "sincos_2d",
     "sinusoidal_encoding",
     "use_backend",
+    "window_attention",
     "__version__",
 ]

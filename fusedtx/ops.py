@@ -672,3 +672,204 @@ def add_sincos_2d(
             f"(dim 1), got shape {tuple(x.shape)}"
         )
     return _add_sincos_2d(x, grid_h, grid_w, num_prefix_tokens, float(base), layout)
+
+
+# --------------------------------------------------------------------------------------------------
+# window_attention
+# --------------------------------------------------------------------------------------------------
+
+_WINDOW_MAX_TOKENS = 256  # window areas the kernels cover: Swin's 7x7 up to 16x16
+_WINDOW_MAX_HEAD_DIM = 128
+
+
+def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *maps: Tensor) -> str | None:
+    """Why the window kernels do not cover a call on ``qkv`` (and, for the backward, the other (B, H, W, ·)
+    ``maps``), or None."""
+    reason = _unsupported_dtype(qkv.dtype)
+    tokens, head_dim = window_size[0] * window_size[1], qkv.shape[3] // (3 * num_heads)
+    if reason is None and tokens > _WINDOW_MAX_TOKENS:
+        reason = f"covers windows of up to {_WINDOW_MAX_TOKENS} tokens"
+    if reason is None and head_dim > _WINDOW_MAX_HEAD_DIM:
+        reason = f"supports head dims up to {_WINDOW_MAX_HEAD_DIM}"
+    if reason is None and maps and qkv.dtype == torch.float32 and tokens > 64 and head_dim > 32:
+        # Its tiles hold every query of a window: in fp32 they outgrow a GPU's shared memory.
+        reason = "has no float32 backward for windows over 64 tokens with head dims over 32"
+    # Offsets inside one image are 32-bit in the kernels.
+    spans = [sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:], strict=True)) for t in (qkv, *maps)]
+    if reason is None and max(spans) >= 2**31:
+        reason = "indexes one image with 32-bit offsets and this one spans more"
+    return reason
+
+
+def _windows_of(qkv: Tensor, window_size: list[int]) -> int:
+    bsz, h, w, _ = qkv.shape
+    return bsz * (-(-h // window_size[0])) * (-(-w // window_size[1]))
+
+
+@torch.library.custom_op("fusedtx::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(
+    qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, window_size: list[int],
+    shift_size: list[int], num_heads: int, scale: float, order: str,
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, W, C) contiguous, fp32 lse (B·windows, heads, N)); shift_size is the effective shift."""
+    reason = _window_unsupported(qkv, num_heads, window_size)
+    if _backend.select("window_attention", qkv.device, reason) == "triton":
+        return _kernels("window_attention").window_attention_fwd(
+            qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order
+        )
+    out, lse = reference.window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias, scale,
+                                          order, mask, return_lse=True)
+    return out.contiguous(), lse.float().contiguous()
+
+
+@_window_attention_fwd.register_fake
+def _(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order):
+    bsz, h, w, c3 = qkv.shape
+    lse = qkv.new_empty((_windows_of(qkv, window_size), num_heads, window_size[0] * window_size[1]),
+                        dtype=torch.float32)
+    return qkv.new_empty((bsz, h, w, c3 // 3)), lse
+
+
+@torch.library.custom_op("fusedtx::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(
+    dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, out: Tensor,
+    lse: Tensor, window_size: list[int], shift_size: list[int], num_heads: int, scale: float, order: str,
+    table_grad: bool, bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dqkv contiguous, d(table) or an empty tensor, d(qkv_bias) or an empty tensor)."""
+    reason = _window_unsupported(qkv, num_heads, window_size, dout, out)
+    if _backend.select("window_attention", qkv.device, reason) == "triton":
+        dqkv, dtable, dbias = _kernels("window_attention").window_attention_bwd(
+            dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
+            table_grad, bias_grad,
+        )
+    else:
+        # The vector-Jacobian product of the reference forward, with respect to qkv, the table and the bias.
+        def forward(qkv, table, *maybe_bias):
+            b = maybe_bias[0] if bias_grad else qkv_bias
+            return reference.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order,
+                                              mask)
+
+        grads = torch.func.vjp(forward, *((qkv, table, qkv_bias) if bias_grad else (qkv, table)))[1](dout)
+        dqkv = grads[0].contiguous()
+        dtable = grads[1] if table_grad else None
+        dbias = grads[2] if bias_grad else None
+    return dqkv, _or_empty(dtable, qkv), _or_empty(dbias, qkv)
+
+
+@_window_attention_bwd.register_fake
+def _(dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
+      table_grad, bias_grad):
+    dtable = torch.empty_like(table) if table_grad else qkv.new_empty(0)
+    dbias = torch.empty_like(qkv_bias) if bias_grad else qkv.new_empty(0)
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), dtable, dbias
+
+
+def _window_attention_setup(ctx, inputs, output):
+    qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order = inputs
+    out, lse = output
+    ctx.args = (window_size, shift_size, num_heads, scale, order)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, table, qkv_bias, mask, out, lse)
+
+
+def _window_attention_backward(ctx, dout, _dlse):
+    qkv, table, qkv_bias, mask, out, lse = ctx.saved_tensors
+    table_grad = ctx.needs_input_grad[1]
+    bias_grad = qkv_bias is not None and ctx.needs_input_grad[2]
+    dqkv, dtable, dbias = _window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, *ctx.args,
+                                                table_grad, bias_grad)
+    return (dqkv, dtable if table_grad else None, dbias if bias_grad else None, *[None] * 6)
+
+
+_window_attention_fwd.register_autograd(_window_attention_backward, setup_context=_window_attention_setup)
+
+
+def _window_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair."""
+    pair = (value, value) if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    for v in pair:
+        _check_count(name, v, minimum)
+    return int(pair[0]), int(pair[1])
+
+
+def window_attention(
+    qkv: Tensor,
+    *,
+    window_size: int | tuple[int, int],
+    shift_size: int | tuple[int, int],
+    rel_pos_bias_table: Tensor,
+    num_heads: int,
+    qkv_bias: Tensor | None = None,
+    scale: float | None = None,
+    order: str = "timm",
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Swin (shifted) window attention from the qkv projection of a map to the input of proj, in one kernel.
+
+    Per window of N = wh·ww tokens of the cyclically shifted, padded map: ``softmax(q·kᵀ·scale +
+    rel_pos_bias_table[relative index] + shift mask [+ mask])·v``; then the windows are reversed,
+    un-shifted and cropped, as timm's ``SwinTransformerBlock._attn`` and torchvision's
+    ``shifted_window_attention`` do between their qkv and proj Linears.
+
+    Args:
+        qkv: (B, H, W, 3·C) output of the qkv Linear on the (B, H, W, dim) map, channels laid out
+            (3, num_heads, head_dim), C = num_heads·head_dim; any strides. float16 / bfloat16 / float32
+            (float64, head dims above 128, windows above 256 tokens, and the float32 backward of windows
+            above 64 tokens with head dims above 32 run the reference). On CUDA, float32 uses tf32 dot
+            products (about 3e-4 relative error).
+        window_size: (wh, ww) or an int; H and W need not be multiples of it.
+        shift_size: (sh, sw) or an int, >= 0: the cyclic shift (0 for plain window attention).
+        rel_pos_bias_table: ((2wh-1)·(2ww-1), num_heads) relative position bias table, any float dtype;
+            receives a gradient (deterministic).
+        num_heads: heads.
+        qkv_bias: (3·C,) the qkv Linear's bias, or None: padded positions hold it, as they do in the stock
+            modules (which pad before the Linear); its gradient from the padded keys and values is returned.
+        scale: multiplies q·kᵀ; default head_dim^-0.5.
+        order: ``"timm"``: roll by -shift, then pad (timm ``SwinTransformerBlock``; pass the block's
+            ``window_size`` and ``shift_size``, which it clamps to the input resolution when built);
+            ``"torchvision"``: pad, then roll, dropping the shift along an axis whose padded size is not
+            larger than the window (torchvision ``ShiftedWindowAttention``). The shift mask (-100 between
+            regions) is built on the padded map in both.
+        mask: optional (M, N, N) additive mask, any float dtype, no gradient: window number g, counted
+            over (batch, window row, window column), adds ``mask[g % M]`` (timm ``WindowAttention``'s mask
+            for pre-partitioned windows: qkv (B·nW, wh, ww, 3·C) with window_size (wh, ww)).
+
+    Returns:
+        (B, H, W, C) in qkv's dtype, contiguous: the attention output at every map position, ready for
+        the proj Linear. Rows whose keys are all masked (by -inf in ``mask``) give zeros, never NaN.
+    """
+    _check_tensor("qkv", qkv)
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be 4-D (B, H, W, 3·num_heads·head_dim), got shape {tuple(qkv.shape)}")
+    _check_count("num_heads", num_heads, 1)
+    if qkv.shape[3] % (3 * num_heads) or qkv.shape[3] == 0:
+        raise ValueError(f"qkv's last dim must be a positive multiple of 3·num_heads = {3 * num_heads}, "
+                         f"got shape {tuple(qkv.shape)}")
+    wh, ww = _window_pair("window_size", window_size, 1)
+    shift = _window_pair("shift_size", shift_size, 0)
+    if order not in reference.WINDOW_ORDERS:
+        raise ValueError(f"order must be one of {reference.WINDOW_ORDERS}, got {order!r}")
+    named = [("rel_pos_bias_table", rel_pos_bias_table, ((2 * wh - 1) * (2 * ww - 1), num_heads))]
+    if qkv_bias is not None:
+        named.append(("qkv_bias", qkv_bias, (qkv.shape[3],)))
+    if mask is not None:
+        named.append(("mask", mask, None))
+    for name, t, shape in named:
+        _check_tensor(name, t, shape=shape)
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+    if mask is not None:
+        if mask.dim() != 3 or mask.shape[0] < 1 or tuple(mask.shape[1:]) != (wh * ww, wh * ww):
+            raise ValueError(f"mask must have shape (M, N, N) with N = {wh * ww}, got {tuple(mask.shape)}")
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("mask must not require grad: it receives no gradient")
+    scale = (qkv.shape[3] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
+    if not abs(scale) < float("inf"):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    shift = reference.effective_shift(tuple(qkv.shape[1:3]), (wh, ww), shift, order)
+    out, _ = _window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, mask, [wh, ww], list(shift), num_heads,
+                                   scale, order)
+    return out

@@ -236,3 +236,128 @@ def add_sincos_2d(
     ct = compute_dtype(x.dtype)
     pe = sincos_2d(grid_h, grid_w, x.shape[-1], base, num_prefix_tokens, layout, ct, x.device)
     return (x.to(ct) + pe).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# window_attention
+# --------------------------------------------------------------------------------------------------
+
+WINDOW_ORDERS = ("timm", "torchvision")
+SHIFT_MASK_VALUE = -100.0  # what both stock modules add between regions of the shifted map
+
+
+def relative_position_index(window_size: tuple[int, int], device=None) -> torch.Tensor:
+    """(N, N) row of the ((2wh-1)(2ww-1), heads) bias table for each (query, key) pair of a window,
+    N = wh·ww tokens in row-major order (as timm and torchvision build it)."""
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing="ij")).flatten(1)  # 2, N
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def effective_shift(size: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int],
+                    order: str) -> tuple[int, int]:
+    """The shift actually applied: torchvision drops it along an axis whose padded size is not larger
+    than the window; timm applies what it is given (its block clamps window and shift when built)."""
+    if order == "timm":
+        return tuple(shift_size)
+    padded = [math.ceil(n / w) * w for n, w in zip(size, window_size, strict=True)]
+    return tuple(0 if w >= p else s for p, w, s in zip(padded, window_size, shift_size, strict=True))
+
+
+def shift_mask(padded_size: tuple[int, int], window_size: tuple[int, int], shift_size: tuple[int, int],
+               dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """(windows, N, N): 0 between tokens of one region of the shifted, padded map, -100 across regions.
+
+    The regions are numbered exactly as timm's ``get_attn_mask`` and torchvision's
+    ``shifted_window_attention`` number them, by the same slices of the padded map."""
+    (hp, wp), (wh, ww), (sh, sw) = padded_size, window_size, shift_size
+    img = torch.zeros(hp, wp, device=device)
+    count = 0
+    for rows in ((0, -wh), (-wh, -sh), (-sh, None)):
+        for cols in ((0, -ww), (-ww, -sw), (-sw, None)):
+            img[rows[0]:rows[1], cols[0]:cols[1]] = count
+            count += 1
+    ids = img.view(hp // wh, wh, wp // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    diff = ids[:, None, :] - ids[:, :, None]
+    return torch.zeros(diff.shape, dtype=dtype, device=device).masked_fill(diff != 0, SHIFT_MASK_VALUE)
+
+
+def _pad_map(x: torch.Tensor, window_size: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) padded at the bottom and right to multiples of the window, new positions holding ``fill``
+    (C,): what the qkv Linear gives for the zero-padded positions of the stock modules."""
+    bsz, h, w, c = x.shape
+    pad_h, pad_w = (-h) % window_size[0], (-w) % window_size[1]
+    x = torch.cat([x, fill.expand(bsz, h, pad_w, c)], dim=2)
+    return torch.cat([x, fill.expand(bsz, pad_h, w + pad_w, c)], dim=1)
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    window_size: tuple[int, int],
+    shift_size: tuple[int, int],
+    rel_pos_bias_table: torch.Tensor,
+    num_heads: int,
+    qkv_bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    order: str = "timm",
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Swin (shifted) window attention on the qkv projection of a (B, H, W, C) map, both stock orders.
+
+    ``qkv`` (B, H, W, 3·C) is the qkv Linear's output, channels laid out (3, heads, head_dim). Per
+    window of N = wh·ww tokens: ``softmax(q·kᵀ·scale + table[relative_position_index] + shift mask
+    [+ mask])·v``, then the windows are put back, un-shifted and cropped: (B, H, W, C) in qkv's dtype.
+
+    ``order="timm"`` (``SwinTransformerBlock._attn``): roll by -shift, then pad to a multiple of the
+    window; ``"torchvision"`` (``shifted_window_attention``): pad, then roll the padded map (the shift is
+    dropped along an axis whose padded size is not larger than the window). Padded positions hold
+    ``qkv_bias`` (3·C,) (zero without one) and take part as keys, as in both modules, where padding comes
+    before the Linear. ``rel_pos_bias_table`` is ((2wh-1)(2ww-1), heads); ``scale`` defaults to
+    head_dim^-0.5. ``mask`` (M, N, N) is an extra additive mask: window number g (counted over
+    (batch, window row, window column)) adds ``mask[g % M]``. ``dropout_p`` drops attention probabilities.
+
+    With ``return_lse``, also the natural-log log-sum-exp of every window row, (B·windows, heads, N), in
+    the compute dtype.
+    """
+    if order not in WINDOW_ORDERS:
+        raise ValueError(f"order must be one of {WINDOW_ORDERS}, got {order!r}")
+    bsz, h, w, c3 = qkv.shape
+    wh, ww = window_size
+    n = wh * ww
+    head_dim = c3 // (3 * num_heads)
+    sh, sw = effective_shift((h, w), window_size, shift_size, order)
+    ct = compute_dtype(qkv.dtype)
+    # Padded positions: the qkv Linear of a zero input, i.e. its bias rounded to the output dtype.
+    fill = (qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)).to(ct)
+    x = qkv.to(ct)
+    if order == "timm" and (sh or sw):
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    x = _pad_map(x, window_size, fill)
+    if order == "torchvision" and (sh or sw):
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    hp, wp = x.shape[1:3]
+    windows = (hp // wh) * (wp // ww)
+    # partition: (3, B·windows, heads, N, head_dim)
+    x = x.view(bsz, hp // wh, wh, wp // ww, ww, 3, num_heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    q, k, v = x.reshape(3, bsz * windows, num_heads, n, head_dim).unbind(0)
+    idx = relative_position_index(window_size, qkv.device)
+    bias = rel_pos_bias_table.to(ct)[idx].permute(2, 0, 1).unsqueeze(0)  # 1, heads, N, N
+    if sh or sw:
+        bias = bias + shift_mask((hp, wp), window_size, (sh, sw), ct, qkv.device).repeat(bsz, 1, 1)[:, None]
+    if mask is not None:
+        g = torch.arange(bsz * windows, device=qkv.device)
+        bias = bias + mask.to(ct)[g % mask.shape[0]][:, None]
+    out, lse = attention(q, k, v, bias, scale=scale, dropout_p=dropout_p, return_lse=True)
+    # reverse the partition: (B, Hp, Wp, C)
+    out = out.view(bsz, hp // wh, wp // ww, num_heads, wh, ww, head_dim).permute(0, 1, 4, 2, 5, 3, 6)
+    out = out.reshape(bsz, hp, wp, num_heads * head_dim)
+    if order == "timm":
+        out = out[:, :h, :w]
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    out = out[:, :h, :w].to(qkv.dtype)
+    return (out, lse) if return_lse else out

@@ -3,6 +3,7 @@
 from fusedtx.nn.attention import Attention, MultiheadAttention
 from fusedtx.nn.layer_norm_gelu import LayerNorm, LayerNormGELU
 from fusedtx.nn.sinusoidal import SinCos2dPositionalEncoding, SinusoidalPositionalEncoding
+from fusedtx.nn.window_attention import ShiftedWindowAttention, SwinBlockAttention, WindowAttention
 
 __all__ = [
     "Attention",
@@ -10,5 +11,8 @@ __all__ = [
     "LayerNormGELU",
     "MultiheadAttention",
     "SinCos2dPositionalEncoding",
+    "ShiftedWindowAttention",
     "SinusoidalPositionalEncoding",
+    "SwinBlockAttention",
+    "WindowAttention",
 ]

@@ -1,0 +1,232 @@
+"""Drop-in Swin window attention modules backed by the fused ``window_attention`` op.
+
+* :class:`ShiftedWindowAttention`: torchvision's ``ShiftedWindowAttention`` (same constructor,
+  ``state_dict``, outputs): a (B, H, W, dim) map in, the map out.
+* :class:`SwinBlockAttention`: timm's ``SwinTransformerBlock`` attention path (its ``_attn``: shift,
+  pad, partition, ``WindowAttention``, reverse, crop, un-shift) as one module, with timm
+  ``WindowAttention``'s parameters and ``state_dict``; :meth:`SwinBlockAttention.from_module` can also
+  install it into a block in place of ``_attn``.
+* :class:`WindowAttention`: timm's ``WindowAttention`` for callers that keep the partition themselves:
+  (windows, N, dim) in, with timm's optional (nW, N, N) mask, bias and mask fused into the kernel.
+
+Neither timm nor torchvision is needed. Swin V2 modules (cosine attention, a continuous position bias
+MLP) compute something else: ``from_module`` refuses them with a message and they stay as they are.
+Dropout on the attention probabilities (training with a nonzero attention dropout) runs the reference
+with dropout and warns once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusedtx import _backend, ops, reference
+
+_DROPOUT = "does not apply dropout to the attention probabilities (training with attention dropout > 0)"
+_V2 = ("is Swin V2 (cosine attention, continuous position bias), which the fused window attention does not "
+       "compute; leave it as it is")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _attend(qkv: Tensor, window_size, shift_size, table: Tensor, num_heads: int, qkv_bias: Tensor | None,
+            scale: float | None, order: str, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """The fused op, or the reference with dropout (warning once) when attention dropout is on."""
+    if dropout_p > 0:
+        _backend.select("window_attention", qkv.device, _DROPOUT)
+        return reference.window_attention(qkv, _pair(window_size), _pair(shift_size), table, num_heads,
+                                          qkv_bias, scale, order, mask, dropout_p)
+    return ops.window_attention(qkv, window_size=window_size, shift_size=shift_size, rel_pos_bias_table=table,
+                                num_heads=num_heads, qkv_bias=qkv_bias, scale=scale, order=order, mask=mask)
+
+
+def _refuse_v2(module: nn.Module, name: str) -> None:
+    if hasattr(module, "logit_scale") or hasattr(module, "cpb_mlp"):
+        raise TypeError(f"{name} ({type(module).__name__}) {_V2}")
+
+
+def _check_like(module: nn.Module, name: str, kind: str, attrs: tuple[str, ...]) -> None:
+    missing = [a for a in attrs if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"{name} must be a {kind}; {type(module).__name__} lacks {missing}")
+
+
+class ShiftedWindowAttention(nn.Module):
+    """Drop-in for torchvision's ``ShiftedWindowAttention`` (Swin V1).
+
+    Same constructor, attributes (``window_size``, ``shift_size``, ``num_heads``, ``attention_dropout``,
+    ``dropout``), submodules (``qkv``, ``proj``), ``relative_position_bias_table`` parameter and
+    ``relative_position_index`` buffer, hence ``state_dict``. ``forward(x)``: x (B, H, W, dim) ->
+    (B, H, W, dim), with torchvision's order (pad, then shift; shift dropped along an axis whose padded
+    size is not larger than the window).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: list[int],
+        shift_size: list[int],
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(window_size) != 2 or len(shift_size) != 2:
+            raise ValueError("window_size and shift_size must be of length 2")
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        wh, ww = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # Unused by the kernel (it computes the index); kept so that state_dicts match torchvision's.
+        self.register_buffer("relative_position_index", reference.relative_position_index((wh, ww)).flatten())
+
+    def forward(self, x: Tensor) -> Tensor:
+        qkv = self.qkv(x)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = _attend(qkv, tuple(self.window_size), tuple(self.shift_size), self.relative_position_bias_table,
+                      self.num_heads, self.qkv.bias, None, "torchvision", None, dropout)
+        return F.dropout(self.proj(out), p=self.dropout, training=self.training)
+
+    @classmethod
+    def from_module(cls, attn: nn.Module) -> ShiftedWindowAttention:
+        """A fused module sharing the ``qkv`` and ``proj`` Linears and the bias table (the same objects) of
+        a torchvision ``ShiftedWindowAttention``, and taking its training mode. Swin V2's
+        ``ShiftedWindowAttentionV2`` raises TypeError."""
+        _refuse_v2(attn, "attn")
+        _check_like(attn, "attn", "torchvision ShiftedWindowAttention",
+                    ("qkv", "proj", "relative_position_bias_table", "window_size", "shift_size", "num_heads"))
+        with torch.device("meta"):
+            new = cls(attn.qkv.in_features, list(attn.window_size), list(attn.shift_size), attn.num_heads,
+                      attention_dropout=attn.attention_dropout, dropout=attn.dropout)
+        new.qkv, new.proj = attn.qkv, attn.proj
+        new.relative_position_bias_table = attn.relative_position_bias_table
+        new.relative_position_index = attn.relative_position_index
+        return new.train(attn.training)
+
+
+class WindowAttention(nn.Module):
+    """Drop-in for timm's ``WindowAttention`` (Swin V1), called on windows partitioned by the caller.
+
+    Same constructor, attributes (``dim``, ``window_size``, ``window_area``, ``num_heads``, ``scale``),
+    submodules (``qkv``, ``attn_drop``, ``proj``, ``proj_drop``) and ``relative_position_bias_table``,
+    hence ``state_dict``. ``forward(x, mask=None)``: x (num_windows·B, N, dim) with N = wh·ww tokens of
+    each window in row-major order -> (num_windows·B, N, dim); ``mask`` (num_windows, N, N) additive
+    (0/-100 or 0/-inf) or None, window b taking ``mask[b % num_windows]`` as in timm.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int | None = None,
+        window_size: int | tuple[int, int] = 7,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.window_size = _pair(window_size)
+        wh, ww = self.window_size
+        self.window_area = wh * ww
+        self.num_heads = num_heads
+        head_dim = head_dim or dim // num_heads
+        attn_dim = head_dim * num_heads
+        self.scale = head_dim**-0.5
+        table = torch.empty((2 * wh - 1) * (2 * ww - 1), num_heads, **dd)
+        self.relative_position_bias_table = nn.Parameter(table)
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(attn_dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _dropout_p(self) -> float:
+        return self.attn_drop.p if self.attn_drop.training else 0.0
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != self.window_area:
+            raise ValueError(f"x must be (num_windows·B, N = {self.window_area}, dim), "
+                             f"got shape {tuple(x.shape)}")
+        wins, n, _ = x.shape
+        qkv = self.qkv(x).view(wins, *self.window_size, -1)  # each window a one-window map, nothing to pad
+        out = _attend(qkv, self.window_size, 0, self.relative_position_bias_table, self.num_heads, None,
+                      self.scale, "timm", mask, self._dropout_p())
+        return self.proj_drop(self.proj(out.view(wins, n, -1)))
+
+    @classmethod
+    def from_module(cls, attn: nn.Module) -> WindowAttention:
+        """A fused module sharing the submodules and bias table (the same objects) of a timm
+        ``WindowAttention`` and taking its training mode. Swin V2's ``WindowAttention`` raises TypeError."""
+        return cls._adopt(attn, "attn")
+
+    @classmethod
+    def _adopt(cls, attn: nn.Module, name: str):
+        """A new module of this class on ``attn``'s submodules and table, after checking what ``attn`` is."""
+        _refuse_v2(attn, name)
+        _check_like(attn, name, "timm WindowAttention",
+                    ("qkv", "proj", "attn_drop", "proj_drop", "relative_position_bias_table", "window_size",
+                     "num_heads", "scale"))
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.dim = attn.qkv.in_features
+        new.window_size = _pair(attn.window_size)
+        new.window_area = new.window_size[0] * new.window_size[1]
+        new.num_heads, new.scale = attn.num_heads, attn.scale
+        new.relative_position_bias_table = attn.relative_position_bias_table
+        new.qkv, new.attn_drop, new.proj, new.proj_drop = attn.qkv, attn.attn_drop, attn.proj, attn.proj_drop
+        return new.train(attn.training)
+
+
+class SwinBlockAttention(WindowAttention):
+    """timm ``SwinTransformerBlock``'s attention path (``_attn``) fused: cyclic shift, padding, window
+    partition, window attention, window reverse, crop and reverse shift in one kernel between the qkv and
+    proj Linears.
+
+    Constructor as timm's ``WindowAttention`` plus the keyword ``shift_size`` (int or (sh, sw));
+    parameters, submodules and ``state_dict`` are ``WindowAttention``'s (a block's ``attn.state_dict()``
+    loads as is). ``window_size`` and ``shift_size`` are what the block uses (timm clamps them to its input
+    resolution when built: take them from the block, or use :meth:`from_module`). ``forward(x)``:
+    x (B, H, W, dim) -> (B, H, W, dim), timm's order (shift, then pad).
+    """
+
+    def __init__(self, *args, shift_size: int | tuple[int, int] = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shift_size = _pair(shift_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _attend(self.qkv(x), self.window_size, self.shift_size, self.relative_position_bias_table,
+                      self.num_heads, self.qkv.bias, self.scale, "timm", None, self._dropout_p())
+        return self.proj_drop(self.proj(out))
+
+    @classmethod
+    def from_module(cls, block: nn.Module, install: bool = False) -> SwinBlockAttention:
+        """The fused attention path of a timm ``SwinTransformerBlock``: its ``window_size`` and
+        ``shift_size``, sharing the submodules and bias table (the same objects) of ``block.attn`` and
+        taking its training mode.
+
+        With ``install=True`` it also replaces ``block._attn`` on that block instance, so ``block(x)``
+        runs the fused path; it is set as a plain attribute, not a submodule, so the block's
+        ``state_dict`` and parameters are unchanged; ``del block._attn`` restores the stock path.
+        Install again after ``block.set_input_size``. Swin V2 blocks raise TypeError."""
+        _check_like(block, "block", "timm SwinTransformerBlock",
+                    ("attn", "window_size", "shift_size", "_attn"))
+        new = cls._adopt(block.attn, "block.attn")
+        new.window_size, new.shift_size = _pair(block.window_size), _pair(block.shift_size)
+        if install:  # an instance attribute outside the module tree: found before the class's method
+            object.__setattr__(block, "_attn", new)
+        return new

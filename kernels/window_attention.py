@@ -1,0 +1,524 @@
+"""Triton Swin window attention, fused from the cyclic shift to the window reverse, forward and backward.
+
+The kernels read q, k and v straight from the qkv Linear's output, a (B, H, W, 3·C) map with channels
+(3, heads, head_dim), and write the output straight into a (B, H, W, C) map ready for the proj Linear.
+Shift, padding and window partition are index arithmetic: a program looks at window (wy, wx) of the
+shifted, padded grid, and token r of that window sits at grid position (wy·wh + r // ww, wx·ww + r % ww),
+which :func:`_axis` maps back to the map (and tells whether it is padding):
+
+* ``order="timm"`` rolls the map by -shift, then pads: grid row p holds map row (p + s) mod H when
+  p < H, padding otherwise;
+* ``order="torchvision"`` pads, then rolls the padded map: grid row p holds map row (p + s) mod Hp when
+  that is < H, padding otherwise.
+
+The output of a grid position goes back to the map position it was read from, which undoes the shift
+and the partition and crops the padding in one store. Padding tokens take part as keys and values with
+the qkv Linear's bias (what the stock modules' Linear gives for their zero padding); their own outputs are
+dropped, so their queries never matter.
+
+Scores are the attention core's :func:`~fusedtx.kernels.attention.scores` (q·kᵀ·scale in log2 units,
+keys past the window -inf) plus the relative position bias gathered from the ((2wh-1)(2ww-1), heads)
+table and the shift mask (-100 between regions of the shifted map). Each token carries one int code,
+``v·16 + region``: its bias coordinate ``v = ty·(2ww-1) + tx``, so that the table row of a (query i,
+key j) pair is ``v(i) - v(j) + const``, and its shift region id (from its grid position, no mask
+tensor). The softmax is the attention family's online-softmax core (``online_softmax_step``,
+``finish_rows``, ``lse_log2``, ``softmax_bwd``); this file adds only the index arithmetic around it.
+
+Forward: one program per (batch, window, head, query block), a 1-D grid (no 65,535 cap), walking the
+key blocks of its window; it stores the output rows and the log-sum-exp of every window row
+(B·windows, heads, N) fp32.
+
+Backward, deterministic, no atomics. ``_window_attn_bwd_kernel``: one program per (group of windows,
+head, key block) takes all the queries of a window at once (an (all queries) x (its keys) tile), so dK
+and dV of its keys are complete per window and written at once; when the key block covers the whole
+window (windows up to 64 tokens on a GPU) dQ is too. It also sums, over its windows in order, dS (the
+gradient of the bias of each (query, key) pair) and the dK/dV of padding tokens, in registers, and writes
+one partial per program; the launcher sums the partials in a fixed order, ``_table_grad_kernel`` gathers
+the (heads, N, N) bias gradient into the table, and the padding sums become the qkv bias gradient. Larger
+windows take dQ from ``_window_attn_bwd_dq_kernel`` (one program per (batch, window, head, query
+block)).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedtx.kernels.attention import LOG2E, finish_rows, lse_log2, online_softmax_step, scores, softmax_bwd
+
+_LOG2E = tl.constexpr(LOG2E)
+_SHIFT_MASK_LOG2 = tl.constexpr(-100.0 * LOG2E)  # the stock modules' -100 between regions, in log2 units
+
+
+# --------------------------------------------------------------------------------------------------
+# Index arithmetic: where the tokens of a window come from
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _axis(p, size, padded, shift, TORCHVISION: tl.constexpr):
+    """Map index and realness (not padding) of grid position ``p`` along one axis."""
+    if TORCHVISION:  # pad to ``padded``, then roll the padded axis by -shift
+        src = (p + shift) % padded
+        real = src < size
+    else:  # roll the map axis by -shift, then pad
+        src = (p + shift) % size
+        real = p < size
+    return src, real
+
+
+@triton.jit
+def _region(p, padded, window, shift):
+    """Shift region (0, 1, 2) of grid position ``p`` along one axis, as the stock modules' slices
+    [0, -window), [-window, -shift), [-shift, end) number them; one region when the shift is 0."""
+    r = tl.where(p >= padded - shift, 2, tl.where(p >= padded - window, 1, 0))
+    return tl.where(shift > 0, r, 0)
+
+
+@triton.jit
+def _window_of(g, n_wy, n_wx):
+    """(batch, window row, window column) of window number ``g`` (batch-major, then row-major)."""
+    per_image = n_wy * n_wx
+    w = g % per_image
+    return g // per_image, w // n_wx, w % n_wx
+
+
+@triton.jit
+def _tokens(r, wy, wx, H, W, n_wy, n_wx, sh, sw, WH: tl.constexpr, WW: tl.constexpr,
+            TORCHVISION: tl.constexpr):
+    """For window-local token indices ``r`` of window (wy, wx): map row and column, whether the token is
+    real (inside the window and not padding), and its code ``v·16 + region``: the virtual bias coordinate
+    v = ty·(2WW-1) + tx (rows past the window clamped into it; they are masked) and the shift region id."""
+    ty = r // WW
+    tx = r % WW
+    py = wy * WH + ty
+    px = wx * WW + tx
+    y, real_y = _axis(py, H, n_wy * WH, sh, TORCHVISION)
+    x, real_x = _axis(px, W, n_wx * WW, sw, TORCHVISION)
+    real = real_y & real_x & (r < WH * WW)
+    region = _region(py, n_wy * WH, WH, sh) * 3 + _region(px, n_wx * WW, WW, sw)
+    return y, x, real, (tl.minimum(ty, WH - 1) * (2 * WW - 1) + tx) * 16 + region
+
+
+@triton.jit
+def _load_rows(ptr, rows, keep, stride_c, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of the head_dim vectors at element offsets ``rows``; 0 where not ``keep``."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = keep[:, None] & (cols < HEAD_DIM)[None, :]
+    return tl.load(ptr + rows[:, None] + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows, keep, stride_c, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.arange(0, BLOCK_D)
+    mask = keep[:, None] & (cols < HEAD_DIM)[None, :]
+    tl.store(ptr + rows[:, None] + cols[None, :] * stride_c, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_keys(ptr, rows, real, inside, Fill, stride_c, stride_f, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, HAS_FILL: tl.constexpr):
+    """Key or value rows: real tokens from the map, padding tokens (inside the window, not real) the qkv
+    bias ``Fill`` rounded to the I/O dtype (the Linear's output for zero input), rows past the window 0."""
+    x = _load_rows(ptr, rows, real, stride_c, HEAD_DIM, BLOCK_D)
+    if HAS_FILL:
+        cols = tl.arange(0, BLOCK_D)
+        fill = tl.load(Fill + cols * stride_f, mask=cols < HEAD_DIM, other=0.0).to(x.dtype)
+        x = tl.where((inside & ~real)[:, None], fill[None, :], x)
+    return x
+
+
+@triton.jit
+def _window_scores(a, b, qk_scale, Tb, stride_t, Mg, stride_mi, stride_mj, iq, ik, cq, ck,
+                   WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Log2-unit scores of a tile: the core's :func:`scores` (keys past the window -inf) plus the relative
+    position bias, the shift mask and the optional mask.
+
+    ``a``, ``b`` are the row and column operands ((q, k), or (k, q) for a transposed tile); ``iq``/``ik``
+    (window-local indices) and ``cq``/``ck`` (codes from :func:`_tokens`) of the queries and keys
+    broadcast to the tile. ``Tb`` points at this head's table entry of relative offset (0, 0): the table
+    row of a pair is that plus the difference of their bias coordinates, always inside the table."""
+    n = WH * WW
+    s = scores(a, b, qk_scale, Tb, Tb, iq, ik, n, n, 0, 0, 0, False, False, False, True)
+    bias = tl.load(Tb + ((cq >> 4) - (ck >> 4)) * stride_t)
+    s += bias.to(tl.float32) * _LOG2E
+    if SHIFTED:
+        s = tl.where((cq & 15) == (ck & 15), s, s + _SHIFT_MASK_LOG2)
+    if HAS_MASK:
+        m = tl.load(Mg + iq * stride_mi + ik * stride_mj, mask=(iq < n) & (ik < n), other=0.0)
+        s += m.to(tl.float32) * _LOG2E
+    return s
+
+
+@triton.jit
+def _table_origin(Table, h, stride_t0, stride_t1, WH: tl.constexpr, WW: tl.constexpr):
+    """Pointer to head h's table entry of relative offset (0, 0)."""
+    return Table + ((WH - 1) * (2 * WW - 1) + WW - 1) * stride_t0 + h * stride_t1
+
+
+@triton.jit
+def _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+          stride_b, stride_h, stride_w, stride_c, stride_f, WH: tl.constexpr, WW: tl.constexpr,
+          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TORCHVISION: tl.constexpr, HAS_FILL: tl.constexpr):
+    """Keys and values ``offs_n`` of window (b, wy, wx), head h, and their map position, realness and code."""
+    yk, xk, real_k, ck = _tokens(offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, WH, WW, TORCHVISION)
+    base = QKV + b.to(tl.int64) * stride_b + h * HEAD_DIM * stride_c
+    fill = Fill + h * HEAD_DIM * stride_f
+    rows = yk * stride_h + xk * stride_w
+    C = heads * HEAD_DIM
+    inside = offs_n < WH * WW
+    k = _load_keys(base + C * stride_c, rows, real_k, inside, fill + C * stride_f, stride_c, stride_f,
+                   HEAD_DIM, BLOCK_D, HAS_FILL)
+    v = _load_keys(base + 2 * C * stride_c, rows, real_k, inside, fill + 2 * C * stride_f, stride_c, stride_f,
+                   HEAD_DIM, BLOCK_D, HAS_FILL)
+    return k, v, yk, xk, real_k, ck
+
+
+@triton.jit
+def _query_program(heads, n_wy, n_wx, N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(query rows, head, window number, batch, window row, window column) of this program of a
+    (windows, heads, query blocks) grid, query blocks fastest."""
+    n_qblocks = (N + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    h = (pid // n_qblocks) % heads
+    g = pid // n_qblocks // heads
+    b, wy, wx = _window_of(g, n_wy, n_wx)
+    return (pid % n_qblocks) * BLOCK_M + tl.arange(0, BLOCK_M), h, g, b, wy, wx
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["H", "W", "n_wy", "n_wx", "sh", "sw", "n_mask"])
+def _window_attn_fwd_kernel(
+    QKV, Table, Fill, Mask, Out, Lse,
+    H, W, n_wy, n_wx, sh, sw, heads, n_mask, qk_scale,
+    stride_b, stride_h, stride_w, stride_c,
+    stride_ob, stride_oh, stride_ow, stride_oc,
+    stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
+    WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    N = WH * WW
+    offs_m, h, g, b, wy, wx = _query_program(heads, n_wy, n_wx, N, BLOCK_M)
+    Tb = _table_origin(Table, h, stride_t0, stride_t1, WH, WW)
+    Mg = Mask + (g % n_mask) * stride_m0
+    yq, xq, real_q, cq = _tokens(offs_m, wy, wx, H, W, n_wy, n_wx, sh, sw, WH, WW, TORCHVISION)
+    # Padding queries are computed with q = 0: their outputs are dropped and their lse never used.
+    q = _load_rows(QKV + b.to(tl.int64) * stride_b + h * HEAD_DIM * stride_c, yq * stride_h + xq * stride_w,
+                   real_q, stride_c, HEAD_DIM, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v, _, _, _, ck = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+                                  stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
+                                  TORCHVISION, HAS_FILL)
+        s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_m[:, None],
+                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v)
+    out, lse = finish_rows(acc, m_i, l_i)
+    _store_rows(Out + b.to(tl.int64) * stride_ob + h * HEAD_DIM * stride_oc, yq * stride_oh + xq * stride_ow,
+                real_q, stride_oc, out, HEAD_DIM, BLOCK_D)
+    tl.store(Lse + (g.to(tl.int64) * heads + h) * N + offs_m, lse, mask=offs_m < N)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _queries(QKV, Out, DO, Lse, b, g, h, offs_q, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+             stride_b, stride_h, stride_w, stride_c, stride_ob, stride_oh, stride_ow, stride_oc,
+             stride_gb, stride_gh, stride_gw, stride_gc,
+             WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             TORCHVISION: tl.constexpr):
+    """What the backward needs of the queries ``offs_q`` of window g, head h: q, dO, lse (log2 units),
+    delta = rowsum(dO·O), and their map position, realness and code.
+
+    Padding queries have no output, so no gradient reaches them: their lse is +inf, making their
+    probabilities, and everything they would add, exactly 0."""
+    yq, xq, real_q, cq = _tokens(offs_q, wy, wx, H, W, n_wy, n_wx, sh, sw, WH, WW, TORCHVISION)
+    b64 = b.to(tl.int64)
+    q = _load_rows(QKV + b64 * stride_b + h * HEAD_DIM * stride_c, yq * stride_h + xq * stride_w, real_q,
+                   stride_c, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DO + b64 * stride_gb + h * HEAD_DIM * stride_gc, yq * stride_gh + xq * stride_gw, real_q,
+                    stride_gc, HEAD_DIM, BLOCK_D)
+    o = _load_rows(Out + b64 * stride_ob + h * HEAD_DIM * stride_oc, yq * stride_oh + xq * stride_ow, real_q,
+                   stride_oc, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    lse2 = lse_log2(Lse + (g.to(tl.int64) * heads + h) * (WH * WW), offs_q, WH * WW)
+    lse2 = tl.where(real_q, lse2, float("inf"))
+    return q, do, lse2, delta, yq, xq, real_q, cq
+
+
+@triton.jit(do_not_specialize=["H", "W", "n_wy", "n_wx", "sh", "sw", "n_mask", "n_windows", "per_group"])
+def _window_attn_bwd_kernel(
+    QKV, Table, Fill, Mask, Out, DO, Lse, DQKV, DBias, DFill,
+    H, W, n_wy, n_wx, sh, sw, heads, n_mask, n_windows, per_group, qk_scale, sm_scale,
+    stride_b, stride_h, stride_w, stride_c,
+    stride_ob, stride_oh, stride_ow, stride_oc,
+    stride_gb, stride_gh, stride_gw, stride_gc,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
+    WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_DQ: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    FILL_GRAD: tl.constexpr, STAGES: tl.constexpr,
+):
+    # Tiles are (all queries of the window) x (this program's keys); the program walks windows
+    # g0 .. g0 + per_group - 1 in order, so its partial sums are deterministic.
+    N = WH * WW
+    n_kblocks = (N + BLOCK_N - 1) // BLOCK_N
+    pid = tl.program_id(0)
+    kb = pid % n_kblocks
+    h = (pid // n_kblocks) % heads
+    grp = pid // n_kblocks // heads
+    C = heads * HEAD_DIM
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_q = tl.arange(0, BLOCK_Q)
+    Tb = _table_origin(Table, h, stride_t0, stride_t1, WH, WW)
+    dbias = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    fill_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
+    fill_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    g0 = grp * per_group  # window numbers stay 32-bit (index math in 64 bits costs registers)
+    for i in tl.range(0, tl.minimum(per_group, n_windows - g0), num_stages=STAGES):
+        g = g0 + i
+        b, wy, wx = _window_of(g, n_wy, n_wx)
+        q, do, lse2, delta, yq, xq, real_q, cq = _queries(
+            QKV, Out, DO, Lse, b, g, h, offs_q, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+            stride_b, stride_h, stride_w, stride_c, stride_ob, stride_oh, stride_ow, stride_oc,
+            stride_gb, stride_gh, stride_gw, stride_gc, WH, WW, HEAD_DIM, BLOCK_D, TORCHVISION)
+        k, v, yk, xk, real_k, ck = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+                                         stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM,
+                                         BLOCK_D, TORCHVISION, HAS_FILL)
+        Mg = Mask + (g % n_mask) * stride_m0
+        s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_q[:, None],
+                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK)
+        p, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v)), delta[:, None])
+        dv = tl.dot(tl.trans(p).to(do.dtype), do)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q) * sm_scale
+        out = DQKV + b.to(tl.int64) * stride_xb + h * HEAD_DIM * stride_xc
+        rows = yk * stride_xh + xk * stride_xw
+        _store_rows(out + C * stride_xc, rows, real_k, stride_xc, dk, HEAD_DIM, BLOCK_D)
+        _store_rows(out + 2 * C * stride_xc, rows, real_k, stride_xc, dv, HEAD_DIM, BLOCK_D)
+        if FUSE_DQ:  # this block holds every key of the window: dQ = dS·K is complete
+            dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+            _store_rows(out, yq * stride_xh + xq * stride_xw, real_q, stride_xc, dq, HEAD_DIM, BLOCK_D)
+        if FILL_GRAD:  # padding keys and values are the qkv bias: their gradients go to it
+            pad = ((offs_n < N) & ~real_k)[:, None]
+            fill_dk += tl.sum(tl.where(pad, dk, 0.0), axis=0)
+            fill_dv += tl.sum(tl.where(pad, dv, 0.0), axis=0)
+        if TABLE_GRAD:
+            dbias += ds
+    if TABLE_GRAD:  # DBias: (groups, heads, N, N) partials, [query, key]
+        mask = (offs_q[:, None] < N) & (offs_n[None, :] < N)
+        DBs = DBias + (grp.to(tl.int64) * heads + h) * N * N
+        tl.store(DBs + offs_q[:, None] * N + offs_n[None, :], dbias, mask=mask)
+    if FILL_GRAD:  # DFill: (groups, heads, key blocks, 2, HEAD_DIM) partials
+        part = DFill + ((grp.to(tl.int64) * heads + h) * n_kblocks + kb) * 2 * HEAD_DIM
+        cols = tl.arange(0, BLOCK_D)
+        tl.store(part + cols, fill_dk, mask=cols < HEAD_DIM)
+        tl.store(part + HEAD_DIM + cols, fill_dv, mask=cols < HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["H", "W", "n_wy", "n_wx", "sh", "sw", "n_mask"])
+def _window_attn_bwd_dq_kernel(
+    QKV, Table, Fill, Mask, Out, DO, Lse, DQKV,
+    H, W, n_wy, n_wx, sh, sw, heads, n_mask, qk_scale, sm_scale,
+    stride_b, stride_h, stride_w, stride_c,
+    stride_ob, stride_oh, stride_ow, stride_oc,
+    stride_gb, stride_gh, stride_gw, stride_gc,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
+    WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    # dQ of one query block of one window and head, walking the window's key blocks.
+    N = WH * WW
+    offs_m, h, g, b, wy, wx = _query_program(heads, n_wy, n_wx, N, BLOCK_M)
+    q, do, lse2, delta, yq, xq, real_q, cq = _queries(
+        QKV, Out, DO, Lse, b, g, h, offs_m, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+        stride_b, stride_h, stride_w, stride_c, stride_ob, stride_oh, stride_ow, stride_oc,
+        stride_gb, stride_gh, stride_gw, stride_gc, WH, WW, HEAD_DIM, BLOCK_D, TORCHVISION)
+    Tb = _table_origin(Table, h, stride_t0, stride_t1, WH, WW)
+    Mg = Mask + (g % n_mask) * stride_m0
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v, _, _, _, ck = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+                                  stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
+                                  TORCHVISION, HAS_FILL)
+        s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_m[:, None],
+                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK)
+        _, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v)), delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    _store_rows(DQKV + b.to(tl.int64) * stride_xb + h * HEAD_DIM * stride_xc, yq * stride_xh + xq * stride_xw,
+                real_q, stride_xc, dq * sm_scale, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _table_grad_kernel(DBias, DTable, heads, stride_t0, stride_t1,
+                       WH: tl.constexpr, WW: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # Table entry t of head h is relative offset (dy, dx): the sum of the bias gradient over the pairs
+    # (query i, key j = i - (dy, dx)) inside the window. DBias is (heads, N, N), [query, key].
+    N = WH * WW
+    pid = tl.program_id(0)
+    h = pid % heads
+    t = pid // heads
+    dy = t // (2 * WW - 1) - (WH - 1)
+    dx = t % (2 * WW - 1) - (WW - 1)
+    i = tl.arange(0, BLOCK_Q)
+    jy = i // WW - dy
+    jx = i % WW - dx
+    ok = (i < N) & (jy >= 0) & (jy < WH) & (jx >= 0) & (jx < WW)
+    d = tl.load(DBias + h * N * N + i * N + jy * WW + jx, mask=ok, other=0.0)
+    tl.store(DTable + t * stride_t0 + h * stride_t1, tl.sum(d, axis=0).to(DTable.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configurations and launchers
+# --------------------------------------------------------------------------------------------------
+
+
+# Software pipelining depth of the backward's window loop (the next window's loads in flight): 2 keeps every
+# covered config within the H100's 227 KiB of shared memory per block (3 does not).
+BWD_STAGES = 2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_q(tokens: int) -> int:
+    """A window's token count padded to a power of two (>= 16, the smallest tl.dot size)."""
+    return max(16, triton.next_power_of_2(tokens))
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def configs(kind: str, tokens: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of kernel ``kind`` ("fwd", "bwd", "dq") for windows of ``tokens``.
+
+    The "bwd" kernel's query tile is always the whole window (BLOCK_M = block_q(tokens)); with one key
+    block (windows up to 64 tokens on a GPU) it computes dQ too and "dq" is not launched. The interpreter
+    runs small blocks, so windows of 49 tokens there take the multi-block paths (dq kernel included).
+    Chosen so the sm_90a builds do not spill (python -m bench.sm90_resources window_attention); not yet
+    tuned on a GPU."""
+    n = block_q(tokens)
+    if _interpreting():
+        return {"fwd": (min(n, 32), min(n, 16), 1), "bwd": (n, 16, 1), "dq": (min(n, 32), 16, 1)}[kind]
+    if kind == "fwd":
+        return (n, n, 4) if n <= 64 else (64, 64, 8)
+    if kind == "bwd":
+        return (n, n, 8 if n == 64 else 4) if n <= 64 else (n, 16, 8)
+    return 64, 64, 8
+
+
+def _groups(device: torch.device, windows: int, per_window_programs: int) -> tuple[int, int]:
+    """(groups, windows per group) for the backward: a few programs per SM, each walking its windows."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 3 * per_window_programs  # interpreter: a few groups, each of several windows
+    groups = max(1, min(windows, triton.cdiv(target, per_window_programs)))
+    per_group = triton.cdiv(windows, groups)
+    return triton.cdiv(windows, per_group), per_group
+
+
+def _common_args(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, order):
+    """(pointer stand-ins, geometry and stride arguments, constexprs) shared by every window kernel."""
+    bsz, h, w, _ = qkv.shape
+    (wh, ww), (sh, sw) = window_size, shift_size
+    head_dim = qkv.shape[3] // (3 * num_heads)
+    n_wy, n_wx = triton.cdiv(h, wh), triton.cdiv(w, ww)
+    n_mask = mask.shape[0] if mask is not None else 1
+    fill_stride = qkv_bias.stride(0) if qkv_bias is not None else 0
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0)
+    ptrs = (table, qkv_bias if qkv_bias is not None else table, mask if mask is not None else table)
+    geometry = (h, w, n_wy, n_wx, sh, sw, num_heads, n_mask)
+    tail = (*table.stride(), fill_stride, *mask_strides)
+    consts = dict(WH=wh, WW=ww, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), SHIFTED=bool(sh or sw),
+                  TORCHVISION=order == "torchvision", HAS_FILL=qkv_bias is not None,
+                  HAS_MASK=mask is not None)
+    return ptrs, geometry, tail, consts, bsz * n_wy * n_wx
+
+
+def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order):
+    """Forward. ``qkv`` (B, H, W, 3·C) any strides, ``table`` ((2wh-1)(2ww-1), heads), ``qkv_bias`` (3·C,)
+    or None, ``mask`` (M, N, N) or None; ``shift_size`` is the effective shift. Returns out (B, H, W, C)
+    in qkv's dtype and lse (B·windows, heads, N) fp32."""
+    bsz, h, w, c3 = qkv.shape
+    tokens = window_size[0] * window_size[1]
+    out = torch.empty((bsz, h, w, c3 // 3), dtype=qkv.dtype, device=qkv.device)
+    ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, window_size, shift_size,
+                                                         num_heads, order)
+    lse = torch.empty((windows, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, warps = configs("fwd", tokens)
+    grid = (windows * num_heads * triton.cdiv(tokens, block_m),)
+    _window_attn_fwd_kernel[grid](
+        qkv, *ptrs, out, lse, *geometry, scale * LOG2E, *qkv.stride(), *out.stride(), *tail,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **consts,
+    )
+    return out, lse
+
+
+def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads,
+                         scale, order, table_grad, bias_grad):
+    """Backward of :func:`window_attention_fwd` (``out``, ``lse`` are what it returned, ``dout`` the
+    gradient of out, any strides). Returns dqkv (B, H, W, 3·C) in qkv's dtype, and d(table) and d(qkv_bias)
+    in their dtypes when asked for (else None); d(qkv_bias) is what the padding tokens give (zero for q)."""
+    bsz, h, w, c3 = qkv.shape
+    tokens = window_size[0] * window_size[1]
+    head_dim = c3 // (3 * num_heads)
+    dqkv = torch.empty((bsz, h, w, c3), dtype=qkv.dtype, device=qkv.device)
+    ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, window_size, shift_size,
+                                                         num_heads, order)
+    bias_grad = bias_grad and qkv_bias is not None
+    if windows == 0:
+        dtable = torch.zeros_like(table) if table_grad else None
+        return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None)
+    bq, block_n, warps = configs("bwd", tokens)
+    n_kblocks = triton.cdiv(tokens, block_n)
+    groups, per_group = _groups(qkv.device, windows, num_heads * n_kblocks)
+    dbias = torch.empty((groups, num_heads, tokens, tokens) if table_grad else (1,), dtype=torch.float32,
+                        device=qkv.device)
+    dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if bias_grad else (1,),
+                        dtype=torch.float32, device=qkv.device)
+    strides = (*qkv.stride(), *out.stride(), *dout.stride(), *dqkv.stride())
+    _window_attn_bwd_kernel[(groups * num_heads * n_kblocks,)](
+        qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, *geometry, windows, per_group, scale * LOG2E, scale,
+        *strides, *tail, BLOCK_N=block_n, BLOCK_Q=bq, FUSE_DQ=n_kblocks == 1, TABLE_GRAD=table_grad,
+        FILL_GRAD=bias_grad, STAGES=BWD_STAGES, num_warps=warps, **consts,
+    )
+    if n_kblocks > 1:
+        block_m, block_n, warps = configs("dq", tokens)
+        _window_attn_bwd_dq_kernel[(windows * num_heads * triton.cdiv(tokens, block_m),)](
+            qkv, *ptrs, out, dout, lse, dqkv, *geometry, scale * LOG2E, scale, *strides, *tail,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **consts,
+        )
+    dtable = None
+    if table_grad:
+        dtable = torch.empty_like(table)
+        _table_grad_kernel[(table.shape[0] * num_heads,)](
+            dbias.sum(0), dtable, num_heads, *dtable.stride(), WH=window_size[0], WW=window_size[1],
+            BLOCK_Q=bq,
+        )
+    dqkv_bias = None
+    if bias_grad:  # (heads, 2, head_dim) -> [0 for q | dk of padding | dv of padding]
+        kv = dfill.sum((0, 2)).transpose(0, 1).reshape(2 * num_heads * head_dim)
+        dqkv_bias = torch.cat([torch.zeros_like(kv[: c3 // 3]), kv]).to(qkv_bias.dtype)
+    return dqkv, dtable, dqkv_bias
