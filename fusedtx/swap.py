@@ -28,6 +28,10 @@ class Rule:
     kind: str  # what the report counts
     classes: tuple[str, ...]
     convert: Callable[[nn.Module], nn.Module]
+    # An installing rule keeps the module and overrides its method ``installs`` on the instance
+    # (``convert`` does it); its children are still visited, except ``skip`` (what the fused path covers).
+    installs: str | None = None
+    skip: tuple[str, ...] = ()
 
 
 def _hf_attention(module: nn.Module) -> nn.Module:
@@ -63,6 +67,18 @@ RULES: list[Rule] = [
           "transformers.models.swin.modeling_swin.SwinAttention",
           "transformers.models.swin.modeling_swin.SwinSelfAttention"),
          _hf_attention),
+    # Swin V2 classes are listed so that the drop-ins reject them with a clear message.
+    Rule("window_attention", "torchvision ShiftedWindowAttention",
+         ("torchvision.models.swin_transformer.ShiftedWindowAttention",
+          "torchvision.models.swin_transformer.ShiftedWindowAttentionV2"),
+         fnn.ShiftedWindowAttention.from_module),
+    Rule("window_attention", "timm Swin block attention",
+         ("timm.models.swin_transformer.SwinTransformerBlock",
+          "timm.models.swin_transformer_v2.SwinTransformerV2Block"),
+         lambda block: fnn.SwinBlockAttention.from_module(block, install=True), installs="_attn", skip=("attn",)),
+    Rule("window_attention", "timm WindowAttention",
+         ("timm.models.swin_transformer.WindowAttention", "timm.models.swin_transformer_v2.WindowAttention"),
+         fnn.WindowAttention.from_module),
 ]
 
 
@@ -119,7 +135,10 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
     Known: ``torch.nn.LayerNorm`` (and timm's LayerNorm), and a LayerNorm directly followed by
     ``nn.GELU`` / ``nn.ReLU`` in an ``nn.Sequential`` (fused into one ``LayerNormGELU``);
     ``torch.nn.MultiheadAttention`` (torchvision's ViT too), timm's ``Attention``, and Hugging Face's
-    ViT and Swin attention modules (transformers >= 4.48, through its attention interface).
+    ViT and Swin attention modules (transformers >= 4.48, through its attention interface);
+    torchvision's ``ShiftedWindowAttention``, timm's ``WindowAttention``, and timm's
+    ``SwinTransformerBlock`` whose attention path (``_attn``: shift to reverse) is replaced on the
+    instance by one fused kernel.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -134,13 +153,16 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
 
 
 def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], rules: list[Rule],
-                   report: SwapReport) -> None:
+                   report: SwapReport, skip: tuple[str, ...] = ()) -> None:
     children = list(parent.named_children())
     for i, (name, child) in enumerate(children):
         qualified = f"{prefix}{name}"
-        if hasattr(child, "_fusedtx_stock"):
-            continue  # already swapped
+        if name in skip or hasattr(child, "_fusedtx_stock"):
+            continue  # covered by the parent's fused path, or already swapped
         rule = by_class.get(_class_name(child))
+        if rule is not None and rule.installs is not None:
+            _install(child, qualified, rule, by_class, rules, report)
+            continue
         if rule is None:
             sub = _subclassed_rule(child, rules)
             if sub is not None:
@@ -165,10 +187,30 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
         report.replaced[rule.kind] += 1
 
 
+def _install(module: nn.Module, qualified: str, rule: Rule, by_class: dict[str, Rule], rules: list[Rule],
+             report: SwapReport) -> None:
+    skip: tuple[str, ...] = ()
+    if "_fusedtx_installed" not in module.__dict__:
+        try:
+            rule.convert(module)
+        except (TypeError, ValueError) as exc:
+            report.left_alone.append((qualified, _class_name(module), str(exc)))
+        else:
+            object.__setattr__(module, "_fusedtx_installed", rule)
+            report.replaced[rule.kind] += 1
+            skip = rule.skip
+    _swap_children(module, f"{qualified}.", by_class, rules, report, skip)
+
+
 def unswap(model: nn.Module) -> nn.Module:
-    """Put back, in place, every stock module that :func:`swap` replaced in ``model``; returns ``model``.
+    """Put back, in place, every stock module that :func:`swap` replaced in ``model``, and the stock
+    methods it overrode; returns ``model``.
 
     The stock modules come back as the very objects that were there, still sharing their parameters."""
+    for module in model.modules():
+        rule = module.__dict__.pop("_fusedtx_installed", None)
+        if rule is not None:
+            del module.__dict__[rule.installs]
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             stock = getattr(child, "_fusedtx_stock", None)

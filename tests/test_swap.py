@@ -34,7 +34,7 @@ def _check_swap_matches(model, x, expected_counts, **kwargs):
     return report
 
 
-@pytest.mark.parametrize("img_size", [224, 320])
+@pytest.mark.parametrize("img_size", [224, 256])
 def test_timm_vit(img_size):
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2).to(DEVICE)
@@ -72,6 +72,34 @@ class _LastHidden(nn.Module):
 
     def forward(self, x):
         return self.model(x, interpolate_pos_encoding=True).last_hidden_state
+
+
+def test_timm_swin():
+    timm = pytest.importorskip("timm")
+    # swin_tiny_patch4_window7_224 at reduced width and depth; 52x68 px is not a multiple of the window.
+    # drop_path_rate=0: stochastic depth (on by default in training mode) would make two runs differ.
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(36, 44), window_size=5,
+                              embed_dim=16, depths=(2,), num_heads=(2,), drop_path_rate=0.0).to(DEVICE)
+    _check_swap_matches(model, torch.randn(1, 3, 36, 44, device=DEVICE),
+                        {"LayerNorm": 6, "timm Swin block attention": 2})
+    block = model.layers[0].blocks[1]
+    assert isinstance(block._attn, fusedtx.nn.SwinBlockAttention)
+    unswap(model)
+    assert "_attn" not in block.__dict__ and type(model.norm).__name__ == "LayerNorm"
+
+
+def test_torchvision_swin_and_swin_v2_left_alone():
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                            stochastic_depth_prob=0.0)  # no stochastic depth: two runs must agree
+    _check_swap_matches(model.to(DEVICE), torch.randn(1, 3, 36, 44, device=DEVICE),
+                        {"LayerNorm": 6, "torchvision ShiftedWindowAttention": 2})
+    v2 = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                         block=SwinTransformerBlockV2)
+    report = swap(v2, norm=False)
+    assert report.total == 0 and len(report.left_alone) == 2
+    assert all("Swin V2" in why for _, _, why in report.left_alone)
 
 
 def test_swapped_model_runs_under_torch_compile():
