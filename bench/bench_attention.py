@@ -12,7 +12,6 @@ memory) shows as n/a with its error.
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusedtx
-from bench.harness import FUSEDTX, Table, default_device, default_out_dir, measure_ceilings
+from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import reference
 
 # (name, B, H, N, D, bias, causal): the shapes, the headline case first (the table is rewritten
@@ -151,13 +150,7 @@ def test_attention(benchmark):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
-    p.add_argument("--quick", action="store_true", help="one shape only")
-    args = p.parse_args(argv)
-    out = args.out or default_out_dir()
-    run(out, args.quick)
-    print(f"wrote attention tables under {out}")
+    bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

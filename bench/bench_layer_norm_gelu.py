@@ -10,14 +10,13 @@ forward+backward adds reading x and dy and writing dx (5·M·N elements in all).
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 import torch.nn.functional as F
 
 import fusedtx
-from bench.harness import FUSEDTX, Table, default_device, default_out_dir, measure_ceilings
+from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import reference
 
 GPU_HIDDEN = (768, 1024, 4096, 8192, 16384)
@@ -99,12 +98,7 @@ def test_layer_norm_gelu(benchmark):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
-    p.add_argument("--quick", action="store_true", help="a few shapes only")
-    args = p.parse_args(argv)
-    md = run(args.out or default_out_dir(), args.quick)
-    print(f"wrote {md.name} tables under {args.out or default_out_dir()}")
+    bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

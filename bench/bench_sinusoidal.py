@@ -21,14 +21,13 @@ Also writes ``sinusoidal_accuracy.md``: the largest error against float64 at pos
 
 from __future__ import annotations
 
-import argparse
 import functools
 from pathlib import Path
 
 import torch
 
 import fusedtx
-from bench.harness import FUSEDTX, Table, default_device, default_out_dir, measure_ceilings
+from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import reference
 
 # (tokens, dim) of the generated tables; (grid_h, grid_w, dim) for 2D.
@@ -141,14 +140,8 @@ def test_sinusoidal(benchmark):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
-    p.add_argument("--quick", action="store_true", help="a few shapes only")
-    args = p.parse_args(argv)
-    out = Path(args.out) if args.out else default_out_dir()
-    run(out, args.quick)
+    out = bench_main(run, __doc__, argv)
     print((out / "sinusoidal_accuracy.md").read_text())
-    print(f"wrote sinusoidal.md / .csv / .png and sinusoidal_accuracy.md under {out}")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ probabilities to fp32 precision, exp(-100) ~ 4e-44).
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import FUSEDTX, Table, default_device, default_out_dir, measure_ceilings
+from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import nn as fnn
 from fusedtx import reference
 
@@ -153,13 +152,7 @@ def test_window_attention(benchmark):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
-    p.add_argument("--quick", action="store_true", help="one shape only")
-    args = p.parse_args(argv)
-    out = args.out or default_out_dir()
-    run(out, args.quick)
-    print(f"wrote window_attention tables under {out}")
+    bench_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ wall-clock repeats, so the benches run anywhere (CI runs them at tiny sizes so t
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -31,6 +32,18 @@ def default_out_dir() -> Path:
     """``$OUT`` when set (the GPU machine's result folder), else ``bench/results/latest``."""
     out = os.environ.get("OUT")
     return Path(out) if out else Path(__file__).resolve().parent / "results" / "latest"
+
+
+def bench_main(run: Callable[..., Table], doc: str | None, argv: list[str] | None = None) -> Path:
+    """The command line every bench module shares: ``--out DIR`` and ``--quick``; returns the folder."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
+    p.add_argument("--quick", action="store_true", help="a few shapes only")
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else default_out_dir()
+    table = run(out, args.quick)
+    print(f"wrote {table.name}.md, .csv and .png under {out}")
+    return out
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
