@@ -70,7 +70,7 @@ def _layer_norm_gelu_configs():
                        DW="*fp32", DB="*fp32")
         for n in (96, 768, 1280, 4096, 8192, 16384, 65536):
             for residual in (False, True):
-                bm, bn, single, warps = k._config(n, k.FWD_TILE)
+                bm, bn, single, warps = k._config(n, k.fwd_tile(2 if dtype == "bf16" else 4))
                 consts = dict(ACT=1, HAS_RES=residual, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn,
                               SINGLE=single, stride_xn=1, stride_rn=1)
                 sig = {**fwd_sig, **{c: "constexpr" for c in consts}}

@@ -22,7 +22,8 @@ import triton.language as tl
 ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Single pass: narrow rows are packed up to ROWS_TILE elements per program (16 rows at most); a row wider
-# than that is one program, up to FWD_TILE / BWD_TILE wide; 8 elements per thread, 16 warps at most.
+# than that is one program, up to FWD_TILE / BWD_TILE wide (half of FWD_TILE for 4-byte inputs, whose
+# residual form would spill at 16,384); 8 elements per thread, 16 warps at most.
 # Wider rows take the chunked path in CHUNK-wide pieces. Sized so that the sm_90a builds do not spill
 # (python -m bench.sm90_resources layer_norm_gelu).
 FWD_TILE = 16384
@@ -252,6 +253,11 @@ def _config(n: int, tile: int) -> tuple[int, int, bool, int]:
     return block_m, block_n, True, num_warps
 
 
+def fwd_tile(element_size: int) -> int:
+    """The widest row the forward keeps in registers for inputs of ``element_size`` bytes."""
+    return FWD_TILE if element_size <= 2 else FWD_TILE // 2
+
+
 def _num_programs(device: torch.device, blocks: int) -> int:
     if device.type == "cuda":
         return min(blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
@@ -273,7 +279,7 @@ def layer_norm_gelu_fwd(
     s = torch.empty_like(y) if residual is not None else None
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    block_m, block_n, single, num_warps = _config(n, FWD_TILE)
+    block_m, block_n, single, num_warps = _config(n, fwd_tile(x.element_size()))
     r = residual if residual is not None else x
     _layer_norm_gelu_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, r, weight, bias, y, s, mean, rstd,
