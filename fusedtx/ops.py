@@ -30,17 +30,23 @@ def _unsupported_dtype(dtype: torch.dtype) -> str | None:
     return f"has no {dtype} variant (it computes in float32)"
 
 
-def _check_tensor(name: str, t: Tensor, like: Tensor | None = None, shape: tuple[int, ...] | None = None) -> None:
-    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a float tensor (of ``like``'s device,
-    and of ``shape`` when given)."""
+def _check_tensor(name: str, t: Tensor, like: tuple[str, Tensor] | None = None,
+                  shape: tuple[int, ...] | None = None) -> None:
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a float tensor (on the device of the
+    named tensor ``like``, and of ``shape``, when given)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {like.device}")
+    if like is not None:
+        _check_same_device(name, t, *like)
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_same_device(name: str, t: Tensor, other_name: str, other: Tensor) -> None:
+    if t.device != other.device:
+        raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,9 +184,9 @@ def layer_norm_gelu(
     n = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
-            _check_tensor(name, p, like=x, shape=(n,))
+            _check_tensor(name, p, like=("x", x), shape=(n,))
     if residual is not None:
-        _check_tensor("residual", residual, like=x, shape=tuple(x.shape))
+        _check_tensor("residual", residual, like=("x", x), shape=tuple(x.shape))
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
     if activation not in reference.ACTIVATIONS:
@@ -303,11 +309,6 @@ def _attention_backward(ctx, dout, _dlse):
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-def _check_same_device(name: str, t: Tensor, q: Tensor) -> None:
-    if t.device != q.device:
-        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -342,8 +343,7 @@ def attention(
         Under CUDA autocast, q, k, v and bias run in the autocast dtype, as SDPA's do.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-        _check_same_device(name, t, q)
+        _check_tensor(name, t, like=("q", q))
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -358,15 +358,14 @@ def attention(
         raise ValueError("q, k and v must have a head_dim of at least 1")
     full = (bsz, heads, nq, nk)
     if bias is not None:
-        _check_tensor("bias", bias)
-        _check_same_device("bias", bias, q)
+        _check_tensor("bias", bias, like=("q", q))
         if bias.dim() > 4 or any(n not in (1, m) for n, m in zip(bias.shape, full[4 - bias.dim():], strict=True)):
             raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast to (B, H, Nq, Nk) = {full}")
         bias = bias[(None,) * (4 - bias.dim())]  # a view with leading size-1 dims
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = ignore the key)")
-        _check_same_device("key_padding_mask", key_padding_mask, q)
+        _check_same_device("key_padding_mask", key_padding_mask, "q", q)
         if tuple(key_padding_mask.shape) != (bsz, nk):
             raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(bsz, nk)}, "
                              f"got {tuple(key_padding_mask.shape)}")
@@ -858,9 +857,7 @@ def window_attention(
     if mask is not None:
         named.append(("mask", mask, None))
     for name, t, shape in named:
-        _check_tensor(name, t, shape=shape)
-        if t.device != qkv.device:
-            raise ValueError(f"{name} is on {t.device} but qkv is on {qkv.device}")
+        _check_tensor(name, t, like=("qkv", qkv), shape=shape)
     if mask is not None:
         if mask.dim() != 3 or mask.shape[0] < 1 or tuple(mask.shape[1:]) != (wh * ww, wh * ww):
             raise ValueError(f"mask must have shape (M, N, N) with N = {wh * ww}, got {tuple(mask.shape)}")
