@@ -52,8 +52,10 @@ def poison_outputs(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def fresh_seed():
-    """A new seed per test (printed on failure), so checks see fresh random inputs on every run."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def fresh_seed(request):
+    """A new seed per test, so checks see fresh random inputs on every run. A failure's report shows it
+    (section "seed"); FUSEDTX_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get("FUSEDTX_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
+    request.node.add_report_section("call", "seed", str(seed))
     yield seed
