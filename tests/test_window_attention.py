@@ -339,6 +339,37 @@ def test_timm_block_install_keeps_state_dict():
     assert_close(block(x), stock(x), torch.float32, tol=_tol(torch.float32))
 
 
+def test_timm_block_install_follows_set_input_size():
+    """timm's ``set_input_size`` changes a block's window and shift and gives ``block.attn`` a new,
+    interpolated bias table; the installed fused path must compute with the new ones."""
+    block = _timm_block(8, 8, 4, 2, dim=16, heads=2).float()
+    stock = copy.deepcopy(block)
+    fusedtx.nn.SwinBlockAttention.from_module(block, install=True)
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if ON_CUDA else "aot_eager")
+    x = torch.randn(2, 8, 8, 16, device=DEVICE)
+    assert_close(compiled(x), stock(x), torch.float32, tol=_tol(torch.float32))
+    for b in (block, stock):
+        b.set_input_size((10, 11), window_size=5)
+    assert block.window_size == (5, 5) and block.attn.relative_position_bias_table.shape == (81, 2)
+    x = torch.randn(2, 10, 11, 16, device=DEVICE)
+    assert_close(block(x), stock(x), torch.float32, tol=_tol(torch.float32))
+    assert_close(compiled(x), stock(x), torch.float32, tol=_tol(torch.float32))
+
+
+def test_timm_window_attention_set_window_size():
+    stock = _randomize(timm_swin.WindowAttention(16, 2, window_size=4)).to(DEVICE)
+    fused = fusedtx.nn.WindowAttention(16, 2, window_size=4, device=DEVICE)
+    fused.load_state_dict(stock.state_dict())
+    for m in (fused, stock):
+        m.set_window_size((3, 5))
+    assert fused.window_size == (3, 5) and fused.window_area == 15
+    table = fused.relative_position_bias_table
+    assert isinstance(table, torch.nn.Parameter) and table.requires_grad
+    assert torch.equal(table, stock.relative_position_bias_table)
+    x = torch.randn(3, 15, 16, device=DEVICE)
+    assert_close(fused(x), stock(x), torch.float32, tol=_tol(torch.float32))
+
+
 def test_timm_window_attention_with_mask():
     stock = _randomize(timm_swin.WindowAttention(16, 2, window_size=4)).to(DEVICE)
     fused = fusedtx.nn.WindowAttention(16, 2, window_size=4, device=DEVICE)

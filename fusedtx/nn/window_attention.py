@@ -43,6 +43,11 @@ def _attend(qkv: Tensor, window_size, shift_size, table: Tensor, num_heads: int,
                                 num_heads=num_heads, qkv_bias=qkv_bias, scale=scale, order=order, mask=mask)
 
 
+def _dropout_p(attn: nn.Module) -> float:
+    """The attention dropout a timm ``WindowAttention``-like module applies now."""
+    return attn.attn_drop.p if attn.attn_drop.training else 0.0
+
+
 def _refuse_v2(module: nn.Module, name: str) -> None:
     if hasattr(module, "logit_scale") or hasattr(module, "cpb_mlp"):
         raise TypeError(f"{name} ({type(module).__name__}) {_V2}")
@@ -155,9 +160,6 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _dropout_p(self) -> float:
-        return self.attn_drop.p if self.attn_drop.training else 0.0
-
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if x.dim() != 3 or x.shape[1] != self.window_area:
             raise ValueError(f"x must be (num_windows·B, N = {self.window_area}, dim), "
@@ -165,8 +167,26 @@ class WindowAttention(nn.Module):
         wins, n, _ = x.shape
         qkv = self.qkv(x).view(wins, *self.window_size, -1)  # each window a one-window map, nothing to pad
         out = _attend(qkv, self.window_size, 0, self.relative_position_bias_table, self.num_heads, None,
-                      self.scale, "timm", mask, self._dropout_p())
+                      self.scale, "timm", mask, _dropout_p(self))
         return self.proj_drop(self.proj(out.view(wins, n, -1)))
+
+    def set_window_size(self, window_size: int | tuple[int, int]) -> None:
+        """timm's ``WindowAttention.set_window_size``: take a new window size and resize the bias table to
+        it with timm's own ``resize_rel_pos_bias_table`` (so it needs timm), as a new Parameter keeping
+        ``requires_grad``. A timm block's ``set_input_size`` calls it."""
+        window_size = _pair(window_size)
+        if window_size == self.window_size:
+            return
+        from timm.layers import resize_rel_pos_bias_table
+
+        old, table = self.window_size, self.relative_position_bias_table
+        wh, ww = self.window_size = window_size
+        self.window_area = wh * ww
+        with torch.no_grad():
+            resized = resize_rel_pos_bias_table(table, new_window_size=window_size,
+                                                new_bias_shape=((2 * wh - 1) * (2 * ww - 1), self.num_heads),
+                                                old_window_size=old)
+        self.relative_position_bias_table = nn.Parameter(resized, requires_grad=table.requires_grad)
 
     @classmethod
     def from_module(cls, attn: nn.Module) -> WindowAttention:
@@ -208,10 +228,20 @@ class SwinBlockAttention(WindowAttention):
         super().__init__(*args, **kwargs)
         self.shift_size = _pair(shift_size)
 
+    def _path(self) -> tuple[nn.Module, tuple[int, int], tuple[int, int]]:
+        """The module holding the weights, the window size and the shift to compute with: this module's
+        own or, when installed into a block, the block's as they are now (timm's ``set_input_size``
+        changes the block's window and shift and gives its ``attn`` a new bias table)."""
+        block = self.__dict__.get("_block")
+        if block is None:
+            return self, self.window_size, self.shift_size
+        return block.attn, _pair(block.window_size), _pair(block.shift_size)
+
     def forward(self, x: Tensor) -> Tensor:
-        out = _attend(self.qkv(x), self.window_size, self.shift_size, self.relative_position_bias_table,
-                      self.num_heads, self.qkv.bias, self.scale, "timm", None, self._dropout_p())
-        return self.proj_drop(self.proj(out))
+        attn, window_size, shift_size = self._path()
+        out = _attend(attn.qkv(x), window_size, shift_size, attn.relative_position_bias_table, attn.num_heads,
+                      attn.qkv.bias, attn.scale, "timm", None, _dropout_p(attn))
+        return attn.proj_drop(attn.proj(out))
 
     @classmethod
     def from_module(cls, block: nn.Module, install: bool = False) -> SwinBlockAttention:
@@ -221,12 +251,14 @@ class SwinBlockAttention(WindowAttention):
 
         With ``install=True`` it also replaces ``block._attn`` on that block instance, so ``block(x)``
         runs the fused path; it is set as a plain attribute, not a submodule, so the block's
-        ``state_dict`` and parameters are unchanged; ``del block._attn`` restores the stock path.
-        Install again after ``block.set_input_size``. Swin V2 blocks raise TypeError."""
+        ``state_dict`` and parameters are unchanged; ``del block._attn`` restores the stock path. Installed,
+        it computes with the block's window, shift and ``attn`` as they are at each call, so it stays
+        right after ``block.set_input_size``. Swin V2 blocks raise TypeError."""
         _check_like(block, "block", "timm SwinTransformerBlock",
                     ("attn", "window_size", "shift_size", "_attn"))
         new = cls._adopt(block.attn, "block.attn")
         new.window_size, new.shift_size = _pair(block.window_size), _pair(block.shift_size)
-        if install:  # an instance attribute outside the module tree: found before the class's method
-            object.__setattr__(block, "_attn", new)
+        if install:  # instance attributes outside the module trees (no submodule cycle, no state_dict change)
+            object.__setattr__(new, "_block", block)
+            object.__setattr__(block, "_attn", new)  # found before the class's method
         return new
