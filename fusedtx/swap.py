@@ -138,7 +138,9 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
     ViT and Swin attention modules (transformers >= 4.48, through its attention interface);
     torchvision's ``ShiftedWindowAttention``, timm's ``WindowAttention``, and timm's
     ``SwinTransformerBlock`` whose attention path (``_attn``: shift to reverse) is replaced on the
-    instance by one fused kernel.
+    instance by one fused kernel. The submodules of a replaced module are visited too (timm
+    ``Attention``'s ``q_norm`` and ``k_norm`` LayerNorms), and a wrapper of a known kind holding one
+    (transformers < 5: ``ViTAttention`` around ``ViTSelfAttention``) is entered rather than replaced.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -160,6 +162,8 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
         if name in skip or hasattr(child, "_fusedtx_stock"):
             continue  # covered by the parent's fused path, or already swapped
         rule = by_class.get(_class_name(child))
+        if rule is not None and any(_class_name(c) in rule.classes for c in child.children()):
+            rule = None  # a wrapper of the kind (transformers < 5: ViTAttention holds ViTSelfAttention): go inside
         if rule is not None and rule.installs is not None:
             _install(child, qualified, rule, by_class, rules, report)
             continue
@@ -185,6 +189,7 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
             continue
         _replace(parent, name, child, fused)
         report.replaced[rule.kind] += 1
+        _swap_children(fused, f"{qualified}.", by_class, rules, report)  # e.g. timm Attention's q_norm, k_norm
 
 
 def _install(module: nn.Module, qualified: str, rule: Rule, by_class: dict[str, Rule], rules: list[Rule],

@@ -43,6 +43,18 @@ def test_timm_vit(img_size):
     assert isinstance(model.blocks[0].attn, fusedtx.nn.Attention)
 
 
+def test_timm_vit_qk_norm():
+    """The LayerNorms inside a swapped timm Attention (qk_norm=True) are swapped too, and put back."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=1, qk_norm=True)
+    stock_q_norm = model.blocks[0].attn.q_norm
+    _check_swap_matches(model.to(DEVICE), torch.randn(2, 3, 48, 48, device=DEVICE),
+                        {"LayerNorm": 3 + 2, "timm Attention": 1})  # norm1, norm2, final norm; q_norm, k_norm
+    assert isinstance(model.blocks[0].attn.q_norm, fusedtx.nn.LayerNorm)
+    unswap(model)
+    assert model.blocks[0].attn.q_norm is stock_q_norm
+
+
 def test_torchvision_vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -65,6 +77,28 @@ def test_hugging_face_vit_and_swin():
     x = torch.randn(1, 3, 36, 44, device=DEVICE)  # not a multiple of the window: padded windows
     _check_swap_matches(_LastHidden(swin.to(DEVICE)), x, {"LayerNorm": 6, "Hugging Face attention": 2})
     unswap(report.model)
+
+
+def test_hugging_face_attention_wrapper_is_entered():
+    """transformers < 5 wraps the module that selects the attention function (ViTSelfAttention) in a
+    ViTAttention of its own: swap must replace the inner one, not refuse the wrapper. Rebuilt here with
+    today's ViTAttention inside a wrapper class of the old name."""
+    transformers = pytest.importorskip("transformers")
+    inner = transformers.models.vit.modeling_vit.ViTAttention(transformers.ViTConfig(
+        hidden_size=32, num_attention_heads=2, attention_probs_dropout_prob=0.0)).to(DEVICE)
+
+    class ViTAttention(nn.Module):  # the old wrapper's qualified name
+        def __init__(self):
+            super().__init__()
+            self.attention = inner
+
+        def forward(self, x):
+            return self.attention(x)[0]
+
+    ViTAttention.__module__, ViTAttention.__qualname__ = "transformers.models.vit.modeling_vit", "ViTAttention"
+    model = nn.Sequential(ViTAttention())  # swap looks at a model's submodules, not at the model itself
+    report = _check_swap_matches(model, torch.randn(2, 5, 32, device=DEVICE), {"Hugging Face attention": 1})
+    assert report.left_alone == []
 
 
 class _LastHidden(nn.Module):
