@@ -23,7 +23,8 @@ ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
 # Single pass: narrow rows are packed up to ROWS_TILE elements per program (16 rows at most); a row wider
 # than that is one program, up to FWD_TILE / BWD_TILE wide (half of FWD_TILE for 4-byte inputs, whose
-# residual form would spill at 16,384); 8 elements per thread, 16 warps at most.
+# residual form would spill at 16,384); 8 elements per thread, 16 warps at most, except a row wider than
+# 8192: 32 warps of 16 elements each (at 16 warps its residual form spills with Triton 3.6).
 # Wider rows take the chunked path in CHUNK-wide pieces. Sized so that the sm_90a builds do not spill
 # (python -m bench.sm90_resources layer_norm_gelu).
 FWD_TILE = 16384
@@ -249,7 +250,7 @@ def _config(n: int, tile: int) -> tuple[int, int, bool, int]:
         return 1, CHUNK, False, 8
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, ROWS_TILE // block_n))
-    num_warps = max(1, min(16, block_m * block_n // 256))
+    num_warps = max(1, min(16, block_m * block_n // 256)) if block_n <= 8192 else 32
     return block_m, block_n, True, num_warps
 
 
