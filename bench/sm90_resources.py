@@ -150,6 +150,7 @@ def _sinusoidal_configs():
 
 def _window_attention_configs():
     from fusedtx.kernels import window_attention as k
+    from fusedtx.ops import window_fp32_backward_covers
 
     unit = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
     # (kind, window, head dim): Swin's windows 7 and 8 (one tile: backward with dQ fused) and 12 and 16
@@ -158,8 +159,8 @@ def _window_attention_configs():
     cases += [("dq", ws, d) for ws in (12, 16) for d in (32, 64)]
     for dtype in ("bf16", "fp32"):
         for kind, ws, d in cases:
-            if kind == "bwd" and dtype == "fp32" and ws > 8 and d > 32:
-                continue  # not covered: the reference runs it (fusedtx.ops._window_unsupported)
+            if kind == "bwd" and dtype == "fp32" and not window_fp32_backward_covers(ws * ws, d):
+                continue  # not covered: the reference runs it
             fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
                   "dq": k._window_attn_bwd_dq_kernel}[kind]
             sig = {n: "i32" for n in fn.arg_names}

@@ -9,6 +9,7 @@ that call; forward and backward choose independently and either choice is correc
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,12 +37,32 @@ def _check_tensor(name: str, t: Tensor, like: tuple[str, Tensor] | None = None,
     named tensor ``like``, and of ``shape``, when given)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    _check_dtype(name, t.dtype)
     if like is not None:
         _check_same_device(name, t, *like)
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _reference_vjp(fn: Callable[..., Tensor], args: tuple, wrt: tuple[bool, ...],
+                   cotangent: Tensor) -> list[Tensor | None]:
+    """The reference backward: the vector-Jacobian product of the reference forward ``fn(*args)`` for
+    ``cotangent``, with respect to the arguments marked in ``wrt`` (None for the others)."""
+    chosen = [i for i, w in enumerate(wrt) if w]
+
+    def forward(*primals):
+        full = list(args)
+        for i, p in zip(chosen, primals, strict=True):
+            full[i] = p
+        return fn(*full)
+
+    grads = iter(torch.func.vjp(forward, *(args[i] for i in chosen))[1](cotangent))
+    return [next(grads) if w else None for w in wrt]
+
+
+def _check_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {dtype}")
 
 
 def _check_same_device(name: str, t: Tensor, other_name: str, other: Tensor) -> None:
@@ -69,10 +90,8 @@ def _layer_norm_gelu_fwd(
         )
         s = s.view(x.shape) if s is not None else x.new_empty(0)
         return y.view(x.shape), s, mean.view(stats_shape), rstd.view(stats_shape)
-    out = reference.layer_norm_gelu(x, weight, bias, eps, activation, residual)
-    y, s = (out, x.new_empty(0)) if residual is None else out
-    normed = x if residual is None else s
-    mean, rstd = reference.layer_norm_stats(normed.to(reference.compute_dtype(x.dtype)), eps)
+    *ys, mean, rstd = reference.layer_norm_gelu(x, weight, bias, eps, activation, residual, return_stats=True)
+    y, s = ys if residual is not None else (ys[0], x.new_empty(0))
     return y, s, mean.float(), rstd.float()
 
 
@@ -101,17 +120,8 @@ def _layer_norm_gelu_bwd(
         )
         dx = dx.view(normed.shape)
     else:
-        # The reference backward is the vector-Jacobian product of the reference forward,
-        # taken with respect to the tensors that are present.
-        present = [t for t in (normed, weight, bias) if t is not None]
-
-        def forward(*args):
-            it = iter(args[1:])
-            w, b = (next(it) if t is not None else None for t in (weight, bias))
-            return reference.layer_norm_gelu(args[0], w, b, eps, activation)
-
-        grads = iter(torch.func.vjp(forward, *present)[1](dy))
-        dx, dw, db = (next(grads) if t is not None else None for t in (normed, weight, bias))
+        dx, dw, db = _reference_vjp(lambda x, w, b: reference.layer_norm_gelu(x, w, b, eps, activation),
+                                    (normed, weight, bias), (True, weight is not None, bias is not None), dy)
         if ds is not None:
             dx = dx + ds
     return dx, _or_empty(dw, normed), _or_empty(db, normed)
@@ -131,8 +141,7 @@ def _(dy, ds, normed, weight, bias, mean, rstd, eps, activation):
 def _layer_norm_gelu_setup(ctx, inputs, output):
     x, weight, bias, residual, eps, activation = inputs
     y, s, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.has_residual = residual is not None  # s is saved in place of x
     ctx.eps, ctx.activation = eps, activation
     ctx.save_for_backward(s if ctx.has_residual else x, weight, bias, mean, rstd)
 
@@ -144,8 +153,8 @@ def _layer_norm_gelu_backward(ctx, dy, ds, _dmean, _drstd):
     )
     return (
         dx,
-        dw if ctx.has_weight else None,
-        db if ctx.has_bias else None,
+        dw if weight is not None else None,
+        db if bias is not None else None,
         dx if ctx.has_residual else None,
         None,
         None,
@@ -271,15 +280,12 @@ def _attention_bwd(
             do, q, k, v, out, lse, bias, key_padding_mask, causal, scale, bias_grad
         )
     else:
-        # The vector-Jacobian product of the reference forward, with respect to q, k, v (and the bias).
-        def forward(q, k, v, *maybe_bias):
-            b = maybe_bias[0] if bias_grad else bias
+        def forward(q, k, v, b):
             return reference.attention(q, k, v, b, key_padding_mask, causal, scale)
 
-        primals = (q, k, v, bias) if bias_grad else (q, k, v)
-        grads = torch.func.vjp(forward, *primals)[1](do)
-        dq, dk, dv = (_empty_bnhd(t.shape, t).copy_(g) for t, g in zip((q, k, v), grads, strict=False))
-        db = grads[3].contiguous() if bias_grad else None
+        *dqkv, db = _reference_vjp(forward, (q, k, v, bias), (True, True, True, bias_grad), do)
+        dq, dk, dv = (_empty_bnhd(t.shape, t).copy_(g) for t, g in zip((q, k, v), dqkv, strict=True))
+        db = db.contiguous() if db is not None else None
     return dq, dk, dv, _or_empty(db, q)
 
 
@@ -526,11 +532,6 @@ def _resolve_device(device, positions: Tensor | None) -> torch.device:
     return torch.device(device)
 
 
-def _check_dtype(dtype) -> None:
-    if dtype not in _FLOATS:
-        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-
-
 def sinusoidal_encoding(
     length: int,
     dim: int,
@@ -566,7 +567,7 @@ def sinusoidal_encoding(
     _check_count("length", length, 0)
     _check_encoding_args(dim, 2, base, layout, reference.SINUSOIDAL_LAYOUTS)
     _check_count("offset", offset, -(2**62))
-    _check_dtype(dtype)
+    _check_dtype("dtype", dtype)
     device = _resolve_device(device, positions)
     if positions is not None:
         positions = _check_positions(positions, length, device)
@@ -603,7 +604,7 @@ def sincos_2d(
     _check_count("grid_w", grid_w, 1)
     _check_count("num_prefix_tokens", num_prefix_tokens, 0)
     _check_encoding_args(dim, 4, base, layout, reference.SINCOS_2D_LAYOUTS)
-    _check_dtype(dtype)
+    _check_dtype("dtype", dtype)
     device = _resolve_device(device, None)
     return _sincos_2d(grid_h, grid_w, dim, num_prefix_tokens, float(base), layout, dtype, device)
 
@@ -681,6 +682,12 @@ _WINDOW_MAX_TOKENS = 256  # window areas the kernels cover: Swin's 7x7 up to 16x
 _WINDOW_MAX_HEAD_DIM = 128
 
 
+def window_fp32_backward_covers(tokens: int, head_dim: int) -> bool:
+    """Whether the float32 window backward kernel covers windows of ``tokens`` at ``head_dim``: its tiles
+    hold every query of a window, and in fp32 larger ones outgrow a GPU's shared memory."""
+    return tokens <= 64 or head_dim <= 32
+
+
 def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *maps: Tensor) -> str | None:
     """Why the window kernels do not cover a call on ``qkv`` (and, for the backward, the other (B, H, W, ·)
     ``maps``), or None."""
@@ -690,8 +697,8 @@ def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *ma
         reason = f"covers windows of up to {_WINDOW_MAX_TOKENS} tokens"
     if reason is None and head_dim > _WINDOW_MAX_HEAD_DIM:
         reason = f"supports head dims up to {_WINDOW_MAX_HEAD_DIM}"
-    if reason is None and maps and qkv.dtype == torch.float32 and tokens > 64 and head_dim > 32:
-        # Its tiles hold every query of a window: in fp32 they outgrow a GPU's shared memory.
+    fp32_backward = maps and qkv.dtype == torch.float32
+    if reason is None and fp32_backward and not window_fp32_backward_covers(tokens, head_dim):
         reason = "has no float32 backward for windows over 64 tokens with head dims over 32"
     # Offsets inside one image are 32-bit in the kernels.
     spans = [sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:], strict=True)) for t in (qkv, *maps)]
@@ -743,16 +750,11 @@ def _window_attention_bwd(
             table_grad, bias_grad,
         )
     else:
-        # The vector-Jacobian product of the reference forward, with respect to qkv, the table and the bias.
-        def forward(qkv, table, *maybe_bias):
-            b = maybe_bias[0] if bias_grad else qkv_bias
-            return reference.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order,
-                                              mask)
+        def forward(qkv, table, b):
+            return reference.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
 
-        grads = torch.func.vjp(forward, *((qkv, table, qkv_bias) if bias_grad else (qkv, table)))[1](dout)
-        dqkv = grads[0].contiguous()
-        dtable = grads[1] if table_grad else None
-        dbias = grads[2] if bias_grad else None
+        dqkv, dtable, dbias = _reference_vjp(forward, (qkv, table, qkv_bias), (True, table_grad, bias_grad), dout)
+        dqkv = dqkv.contiguous()
     return dqkv, _or_empty(dtable, qkv), _or_empty(dbias, qkv)
 
 

@@ -51,13 +51,15 @@ def layer_norm_gelu(
     eps: float = 1e-5,
     activation: str = "gelu",
     residual: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``act(LayerNorm(x [+ residual]))`` over the last dimension.
 
     Shapes: ``x`` and ``residual`` (..., N); ``weight`` and ``bias`` (N,) or ``None``.
     With a residual, the sum ``s = x + residual`` is formed in the dtype of ``x`` (as ``x + residual``
     in PyTorch would), normalized, and returned too: ``(y, s)``. Without, returns ``y``.
-    ``y`` has the dtype of ``x``.
+    ``y`` has the dtype of ``x``. With ``return_stats`` the mean and rstd that normalized each row
+    (shapes ``x.shape[:-1]``, compute dtype) follow: ``(y, mean, rstd)`` or ``(y, s, mean, rstd)``.
     """
     s = x if residual is None else x + residual
     t = s.to(compute_dtype(x.dtype))
@@ -68,7 +70,10 @@ def layer_norm_gelu(
     if bias is not None:
         z = z + bias.to(t.dtype)
     y = apply_activation(z, activation).to(x.dtype)
-    return y if residual is None else (y, s)
+    out = (y,) if residual is None else (y, s)
+    if return_stats:
+        out += (mean, rstd)
+    return out if len(out) > 1 else y
 
 
 # --------------------------------------------------------------------------------------------------
