@@ -41,11 +41,11 @@ builds its tiles with its own index arithmetic and calls the same functions.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedtx._backend import interpreter_enabled
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -76,8 +76,9 @@ def scores(a, b, qk_scale, Bias, KPM, qi, kj, Nq, Nk, stride_bm, stride_bn, stri
     ``qk_scale`` is scale·log2(e). ``Bias`` points at this (batch, head)'s bias slice
     (:func:`add_bias`), ``KPM`` at this batch's key padding row (nonzero = ignore the key).
     ``MASKED`` applies ``kj < Nk`` and, with ``CAUSAL``, ``kj <= qi``: tiles that need neither may
-    skip them. Padding and bias -inf masking apply always. (Window attention calls ``tl.dot`` and
-    :func:`add_bias` itself, once per bias it adds.)
+    skip them. Padding and bias -inf masking apply always. (Window attention calls it for dot·scale and
+    the window's key mask, then adds its table bias, shift mask and optional mask, the last with
+    :func:`add_bias`.)
     """
     s = tl.dot(a, tl.trans(b)) * qk_scale
     if HAS_BIAS:
@@ -487,7 +488,7 @@ _INTERPRETER_CONFIG = {"fwd": (64, 32, 1), "dkdv": (32, 64, 1), "dq": (64, 32, 1
 def configs(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of kernel ``kind`` ("fwd", "dkdv", "dq", "dbias") for a head dim,
     dtype and whether a bias is read. Independent of sequence length."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         return _INTERPRETER_CONFIG[kind]
     key = (kind, max(64, block_d(head_dim)), dtype == torch.float32)
     return (_GPU_BIAS_CONFIGS if has_bias and key in _GPU_BIAS_CONFIGS else _GPU_CONFIGS)[key]
@@ -580,11 +581,11 @@ def attention_bwd(
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
 
     delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
-    block_m, _, warps = configs("dq", d, q.dtype)
-    n_qblocks = triton.cdiv(nq, block_m)
+    dq_block_m, dq_block_n, dq_warps = configs("dq", d, q.dtype)  # the delta pass shares dq's query blocks
+    n_qblocks = triton.cdiv(nq, dq_block_m)
     _attn_bwd_delta_kernel[(bsz * heads * n_qblocks,)](
         out, do, delta, heads, nq, n_qblocks, *out.stride(), *do.stride(),
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, num_warps=warps,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=dq_block_m, num_warps=dq_warps,
     )
     if nk > 0:
         block_m, block_n, warps = configs("dkdv", d, q.dtype)
@@ -594,11 +595,10 @@ def attention_bwd(
             heads, nq, nk, n_kblocks, scale * LOG2E, scale, *strides, *dk.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, **common,
         )
-    block_m, block_n, warps = configs("dq", d, q.dtype)
     _attn_bwd_dq_kernel[(bsz * heads * n_qblocks,)](
         q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dq,
         heads, nq, nk, n_qblocks, scale * LOG2E, scale, *strides, *dq.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, **common,
+        BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, HAS_BIAS=bias is not None, num_warps=dq_warps, **common,
     )
     if dbias is not None and dbias.numel() > 0:
         if bias.shape[3] == 1:

@@ -41,13 +41,21 @@ block)).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from fusedtx.kernels.attention import LOG2E, finish_rows, lse_log2, online_softmax_step, scores, softmax_bwd
+from fusedtx._backend import interpreter_enabled
+from fusedtx.kernels.attention import (
+    LOG2E,
+    add_bias,
+    block_d,
+    finish_rows,
+    lse_log2,
+    online_softmax_step,
+    scores,
+    softmax_bwd,
+)
 
 _LOG2E = tl.constexpr(LOG2E)
 _SHIFT_MASK_LOG2 = tl.constexpr(-100.0 * LOG2E)  # the stock modules' -100 between regions, in log2 units
@@ -148,8 +156,7 @@ def _window_scores(a, b, qk_scale, Tb, stride_t, Mg, stride_mi, stride_mj, iq, i
     if SHIFTED:
         s = tl.where((cq & 15) == (ck & 15), s, s + _SHIFT_MASK_LOG2)
     if HAS_MASK:
-        m = tl.load(Mg + iq * stride_mi + ik * stride_mj, mask=(iq < n) & (ik < n), other=0.0)
-        s += m.to(tl.float32) * _LOG2E
+        s = add_bias(s, Mg, iq, ik, n, n, stride_mi, stride_mj)
     return s
 
 
@@ -395,17 +402,9 @@ def _table_grad_kernel(DBias, DTable, heads, stride_t0, stride_t1,
 BWD_STAGES = 2
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def block_q(tokens: int) -> int:
-    """A window's token count padded to a power of two (>= 16, the smallest tl.dot size)."""
-    return max(16, triton.next_power_of_2(tokens))
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    """A window's token count padded to a power of two (>= 16, the smallest tl.dot size), as head dims are."""
+    return block_d(tokens)
 
 
 def configs(kind: str, tokens: int) -> tuple[int, int, int]:
@@ -417,7 +416,7 @@ def configs(kind: str, tokens: int) -> tuple[int, int, int]:
     Chosen so the sm_90a builds do not spill (python -m bench.sm90_resources window_attention); not yet
     tuned on a GPU."""
     n = block_q(tokens)
-    if _interpreting():
+    if interpreter_enabled():
         return {"fwd": (min(n, 32), min(n, 16), 1), "bwd": (n, 16, 1), "dq": (min(n, 32), 16, 1)}[kind]
     if kind == "fwd":
         return (n, n, 4) if n <= 64 else (64, 64, 8)
