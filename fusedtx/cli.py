@@ -49,9 +49,10 @@ def info() -> str:
         lines.append("device   no CUDA device: CPU only")
     lines.append("")
     lines.append("op family         device  backend    why")
+    explained = {device: _backend.explain(device) for device in devices}  # the same for every family
     for family in families():
         for device in devices:
-            backend, why = _backend.explain(device)
+            backend, why = explained[device]
             lines.append(f"{family:<17} {device.type:<7} {backend:<10} {why}")
     lines.append("")
     lines.append("Per call, a case a kernel does not cover (e.g. float64) takes the reference with a one-time "
@@ -61,8 +62,12 @@ def info() -> str:
 
 def bench(names: list[str], out: str | None, quick: bool) -> None:
     """Run the bench modules of the named families (``all``: every family with a bench)."""
-    from bench.harness import default_out_dir
-
+    try:
+        from bench.harness import default_out_dir
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", "bench.harness"):
+            raise
+        raise SystemExit("fusedtx bench: no bench package here (run it from the repository root)") from exc
     wanted = families() if names in ([], ["all"]) else names
     unknown = set(wanted) - set(families())
     if unknown:

@@ -128,16 +128,17 @@ def measure(label: str, model: nn.Module, images: torch.Tensor, kwargs: dict, st
     return run, output
 
 
-def report(args, device: torch.device, stock: Run, fused: Run, max_diff: float, swap_text: str) -> str:
+def report(args, device: torch.device, backend: str, stock: Run, fused: Run, max_diff: float,
+           swap_text: str) -> str:
     batch = args.batch
     speedup = stock.median_ms / fused.median_ms
     families = [f for f, _ in FAMILIES] + ["other"]
-    where = "CUDA" if device.type == "cuda" else "CPU (no CUDA: fusedtx runs its PyTorch reference)"
+    where = "CUDA" if device.type == "cuda" else "no CUDA"
     lines = [
         f"# fusedtx profile: {args.model} at {args.img_size}x{args.img_size}, batch {batch}, {args.dtype}",
         "",
         f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} ({where}); "
-        f"backend: {_backend.explain(device)[0]}; torch.compile: {'on' if args.compile else 'off'}; "
+        f"backend: {backend}; torch.compile: {'on' if args.compile else 'off'}; "
         f"median of {args.steps} steps.",
         "",
         "| model | median ms | images/s | peak MiB |",
@@ -210,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     with _backend.use_backend(args.backend or _backend.requested()):
         stock, ref_out = measure("stock", stock_model, images, kwargs, args.steps, out_dir, progress)
         fused, out = measure("fusedtx", fused_model, images, kwargs, args.steps, out_dir, progress)
+        backend = _backend.explain(device)[0]  # the one the runs took, asked while it is in force
     print(file=sys.stderr)
 
     max_diff = (out.float() - ref_out.float()).abs().max().item()
     scale = ref_out.float().abs().max().item()
-    text = report(args, device, stock, fused, max_diff, str(swapped))
+    text = report(args, device, backend, stock, fused, max_diff, str(swapped))
     (out_dir / "report.md").write_text(text)
     if args.trace:
         Path(args.trace).write_bytes((out_dir / "trace_fusedtx.json").read_bytes())

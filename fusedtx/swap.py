@@ -10,6 +10,7 @@ since its ``forward`` may differ. ``unswap(model)`` puts the stock modules back.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections import Counter
 from collections.abc import Callable
@@ -34,15 +35,26 @@ class Rule:
     skip: tuple[str, ...] = ()
 
 
-def _hf_attention(module: nn.Module) -> nn.Module:
-    """A shallow copy of a Hugging Face attention module (same submodules and parameters) whose own copy
-    of the config selects fusedtx's attention function through transformers' ``AttentionInterface``."""
-    if "_attn_implementation" not in inspect.getsource(type(module).forward):
-        raise ValueError("this transformers version computes attention inside the module (no attention "
-                         "interface); transformers >= 4.48 is needed")
+@functools.cache
+def _selects_attention_function(cls: type) -> bool:
+    """Whether ``cls.forward`` picks its attention function by ``config._attn_implementation``."""
+    return "_attn_implementation" in inspect.getsource(cls.forward)
+
+
+@functools.cache
+def _register_hf_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register("fusedtx", fnn.attention.hf_attention_forward)
+
+
+def _hf_attention(module: nn.Module) -> nn.Module:
+    """A shallow copy of a Hugging Face attention module (same submodules and parameters) whose own copy
+    of the config selects fusedtx's attention function through transformers' ``AttentionInterface``."""
+    if not _selects_attention_function(type(module)):
+        raise ValueError("this transformers version computes attention inside the module (no attention "
+                         "interface); transformers >= 4.48 is needed")
+    _register_hf_attention()
     fused = copy.copy(module)
     for registry in ("_modules", "_parameters", "_buffers"):  # its own registries, holding the same entries
         object.__setattr__(fused, registry, dict(getattr(module, registry)))
@@ -159,8 +171,11 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
     children = list(parent.named_children())
     for i, (name, child) in enumerate(children):
         qualified = f"{prefix}{name}"
-        if name in skip or hasattr(child, "_fusedtx_stock"):
-            continue  # covered by the parent's fused path, or already swapped
+        if name in skip:
+            continue  # covered by the parent's fused path
+        if hasattr(child, "_fusedtx_stock"):  # swapped before: only its submodules may be new to this call
+            _swap_children(child, f"{qualified}.", by_class, rules, report)
+            continue
         rule = by_class.get(_class_name(child))
         if rule is not None and any(_class_name(c) in rule.classes for c in child.children()):
             rule = None  # a wrapper of the kind (transformers < 5: ViTAttention holds ViTSelfAttention): go inside
@@ -194,7 +209,6 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
 
 def _install(module: nn.Module, qualified: str, rule: Rule, by_class: dict[str, Rule], rules: list[Rule],
              report: SwapReport) -> None:
-    skip: tuple[str, ...] = ()
     if "_fusedtx_installed" not in module.__dict__:
         try:
             rule.convert(module)
@@ -203,7 +217,7 @@ def _install(module: nn.Module, qualified: str, rule: Rule, by_class: dict[str, 
         else:
             object.__setattr__(module, "_fusedtx_installed", rule)
             report.replaced[rule.kind] += 1
-            skip = rule.skip
+    skip = rule.skip if "_fusedtx_installed" in module.__dict__ else ()  # installed now or by an earlier swap
     _swap_children(module, f"{qualified}.", by_class, rules, report, skip)
 
 

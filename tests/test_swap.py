@@ -1,11 +1,13 @@
 """fusedtx.swap / unswap on real model zoos (random weights, no downloads), and fusedtx profile."""
 
 import pytest
+import timm
 import torch
+import transformers
 from torch import nn
 
 import fusedtx
-from fusedtx import profile
+from fusedtx import _backend, profile
 from fusedtx.swap import FusedAway, swap, unswap
 from tests.conftest import DEVICE
 from tests.helpers import assert_close
@@ -36,7 +38,6 @@ def _check_swap_matches(model, x, expected_counts, **kwargs):
 
 @pytest.mark.parametrize("img_size", [224, 256])
 def test_timm_vit(img_size):
-    timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2).to(DEVICE)
     x = torch.randn(1, 3, img_size, img_size, device=DEVICE)
     _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2})
@@ -45,7 +46,6 @@ def test_timm_vit(img_size):
 
 def test_timm_vit_qk_norm():
     """The LayerNorms inside a swapped timm Attention (qk_norm=True) are swapped too, and put back."""
-    timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=1, qk_norm=True)
     stock_q_norm = model.blocks[0].attn.q_norm
     _check_swap_matches(model.to(DEVICE), torch.randn(2, 3, 48, 48, device=DEVICE),
@@ -64,7 +64,6 @@ def test_torchvision_vit():
 
 
 def test_hugging_face_vit_and_swin():
-    transformers = pytest.importorskip("transformers")
     vit = transformers.ViTModel(transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8))
     report = _check_swap_matches(_LastHidden(vit.to(DEVICE)), torch.randn(1, 3, 32, 32, device=DEVICE),
@@ -83,7 +82,6 @@ def test_hugging_face_attention_wrapper_is_entered():
     """transformers < 5 wraps the module that selects the attention function (ViTSelfAttention) in a
     ViTAttention of its own: swap must replace the inner one, not refuse the wrapper. Rebuilt here with
     today's ViTAttention inside a wrapper class of the old name."""
-    transformers = pytest.importorskip("transformers")
     inner = transformers.models.vit.modeling_vit.ViTAttention(transformers.ViTConfig(
         hidden_size=32, num_attention_heads=2, attention_probs_dropout_prob=0.0)).to(DEVICE)
 
@@ -111,7 +109,6 @@ class _LastHidden(nn.Module):
 
 
 def test_timm_swin():
-    timm = pytest.importorskip("timm")
     # swin_tiny_patch4_window7_224 at reduced width and depth; 52x68 px is not a multiple of the window.
     # drop_path_rate=0: stochastic depth (on by default in training mode) would make two runs differ.
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(36, 44), window_size=5,
@@ -139,10 +136,12 @@ def test_torchvision_swin_and_swin_v2_left_alone():
 
 
 def test_swapped_model_runs_under_torch_compile():
-    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU())
-    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU()).to(DEVICE)
+    holder = nn.ModuleList([nn.MultiheadAttention(16, 2, batch_first=True)]).to(DEVICE)
     swap(model)
-    swap(nn.ModuleList([mha]))
+    swap(holder)
+    mha = holder[0]
+    assert isinstance(mha, fusedtx.nn.MultiheadAttention) and isinstance(model[1], fusedtx.nn.LayerNormGELU)
     x = torch.randn(2, 5, 16, device=DEVICE)
 
     def f(x):
@@ -152,8 +151,21 @@ def test_swapped_model_runs_under_torch_compile():
     assert_close(torch.compile(f)(x), f(x), torch.float32, tol=1e-5)
 
 
+def test_swap_again_adds_only_what_is_new():
+    """A second swap leaves the first one's work as it is: no WindowAttention inside an installed timm
+    block path (which never runs it), and the submodules of modules swapped before are visited."""
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(28, 28), window_size=7,
+                             embed_dim=16, depths=(2,), num_heads=(2,))
+    assert swap(swin).total == 8 and swap(swin).total == 0
+    assert type(swin.layers[0].blocks[0].attn).__name__ == "WindowAttention"
+    assert not isinstance(swin.layers[0].blocks[0].attn, fusedtx.nn.WindowAttention)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, qk_norm=True)
+    assert dict(swap(vit, norm=False).replaced) == {"timm Attention": 1}
+    assert dict(swap(vit).replaced) == {"LayerNorm": 3 + 2}  # norm1, norm2, final norm; q_norm, k_norm
+    assert isinstance(vit.blocks[0].attn.q_norm, fusedtx.nn.LayerNorm)
+
+
 def test_timm_vit_layer_norms():
-    timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48).to(DEVICE)
     x = torch.randn(2, 3, 48, 48, device=DEVICE)
     _check_swap_matches(model, x, {"LayerNorm": 25}, attention=False, window_attention=False)
@@ -191,10 +203,36 @@ def test_switches_copies_and_subclasses():
 
 
 def test_profile_runs_and_writes_its_report(tmp_path, capsys):
-    pytest.importorskip("timm")
     code = profile.main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1", "--steps", "1",
                          "--out", str(tmp_path), "--trace", str(tmp_path / "t.json")])
     assert code == 0
     text = (tmp_path / "report.md").read_text()
     assert "Speedup" in text and "| attention |" in text
+    assert f"backend: {_backend.explain(DEVICE)[0]};" in text
     assert (tmp_path / "trace_stock.json").stat().st_size > 0 and (tmp_path / "t.json").stat().st_size > 0
+
+
+def test_profile_reports_the_backend_it_ran(tmp_path):
+    code = profile.main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1", "--steps", "1",
+                         "--backend", "reference", "--out", str(tmp_path)])
+    assert code == 0 and "backend: reference;" in (tmp_path / "report.md").read_text()
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers < 5's ViT eager function: ``attention_mask`` is the head_mask, multiplying the
+    probabilities. ``hf_attention_forward`` looks it up in the module of the calling class (this one)."""
+    probs = torch.softmax(query @ key.transpose(-1, -2) * scaling, dim=-1) * attention_mask
+    return (probs @ value).transpose(1, 2), probs
+
+
+class ViTSelfAttention(nn.Module):  # the name of transformers < 5's module that passes a head_mask
+    pass
+
+
+def test_hugging_face_head_mask_takes_the_modules_eager_path():
+    q, k, v = (torch.randn(2, 3, 7, 16, device=DEVICE) for _ in range(3))
+    head_mask = torch.rand(1, 3, 1, 1, device=DEVICE)
+    _backend._warned.clear()
+    with pytest.warns(UserWarning, match="head_mask"):
+        out, _ = fusedtx.nn.attention.hf_attention_forward(ViTSelfAttention(), q, k, v, head_mask, scaling=0.25)
+    assert_close(out, eager_attention_forward(None, q, k, v, head_mask, 0.25)[0], torch.float32, tol=1e-6)

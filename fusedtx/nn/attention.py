@@ -11,12 +11,16 @@ reference path and says so once (``fusedtx.use_backend("triton")`` turns that in
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedtx import _backend, ops, reference
 
+# transformers < 5: these ViT modules pass their head_mask where the interface takes the attention mask.
+_HF_HEAD_MASK_CLASSES = ("ViTSelfAttention", "ViTSdpaSelfAttention")
 _DROPOUT = "does not apply dropout to the attention probabilities (training with dropout > 0)"
 _WEIGHTS = "does not return attention weights; pass need_weights=False to use it"
 
@@ -28,6 +32,21 @@ def _fallback(reason: str | None, device: torch.device) -> bool:
         return False
     _backend.select("attention", device, reason)
     return True
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float | None,
+            dropout_p: float) -> Tensor:
+    """The fused op, or the reference with dropout (warning once) when attention dropout is on."""
+    if _fallback(_DROPOUT if dropout_p > 0 else None, q.device):
+        return reference.attention(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    return ops.attention(q, k, v, bias=bias, causal=causal, scale=scale)
+
+
+def check_like(module: nn.Module, name: str, kind: str, attrs: tuple[str, ...]) -> None:
+    """TypeError naming ``name`` unless ``module`` has every attribute in ``attrs`` (it is a ``kind``)."""
+    missing = [a for a in attrs if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"{name} must be a {kind}; {type(module).__name__} lacks {missing}")
 
 
 def _additive(mask: Tensor, masked_value: bool, dtype: torch.dtype) -> Tensor:
@@ -213,11 +232,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = _additive(attn_mask, False, q.dtype) if attn_mask is not None else None
-        dropout = self.attn_drop.p if self.training else 0.0
-        if _fallback(_DROPOUT if dropout > 0 else None, x.device):
-            x = reference.attention(q, k, v, bias, causal=is_causal, scale=self.scale, dropout_p=dropout)
-        else:
-            x = ops.attention(q, k, v, bias=bias, causal=is_causal, scale=self.scale)
+        x = _attend(q, k, v, bias, is_causal, self.scale, self.attn_drop.p if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -228,10 +243,8 @@ class Attention(nn.Module):
     def from_module(cls, attn: nn.Module) -> Attention:
         """A fused module sharing the submodules (hence the parameters) of a timm ``Attention`` and
         taking its training mode. Older timm versions without ``norm``/``gate``/``attn_dim`` work too."""
-        missing = [a for a in ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads")
-                   if not hasattr(attn, a)]
-        if missing:
-            raise TypeError(f"attn must be a timm Attention; {type(attn).__name__} lacks {missing}")
+        check_like(attn, "attn", "timm Attention", ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop",
+                                                     "num_heads"))
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads = attn.num_heads
@@ -255,12 +268,16 @@ def hf_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: T
     it. ``query`` (B, H, Nq, D), ``key`` and ``value`` (B, H, Nk, D); ``attention_mask`` additive float
     broadcastable to (B, H, Nq, Nk) (ViT passes none, Swin its relative position bias plus shift mask), or
     bool with True = attend. Returns ``(output (B, Nq, H, D), None)``, as transformers' functions do when
-    no weights are wanted. Dropout in training takes the reference with a one-time warning.
+    no weights are wanted. Dropout in training takes the reference with a one-time warning, and so does
+    the ``head_mask`` that transformers < 5's ViT passes as ``attention_mask`` (it multiplies the
+    probabilities: the module's own ``eager_attention_forward`` computes it).
     """
+    if attention_mask is not None and type(module).__name__ in _HF_HEAD_MASK_CLASSES:
+        _fallback("does not apply a head_mask (a multiplicative mask on the attention probabilities)",
+                  query.device)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        out, _ = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return out, None
     bias = _additive(attention_mask, False, query.dtype) if attention_mask is not None else None
-    p = dropout if module.training else 0.0
-    if _fallback(_DROPOUT if p > 0 else None, query.device):
-        out = reference.attention(query, key, value, bias, scale=scaling, dropout_p=p)
-    else:
-        out = ops.attention(query, key, value, bias=bias, scale=scaling)
+    out = _attend(query, key, value, bias, False, scaling, dropout if module.training else 0.0)
     return out.transpose(1, 2), None

@@ -22,14 +22,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedtx import _backend, ops, reference
+from fusedtx.nn.attention import check_like
 
 _DROPOUT = "does not apply dropout to the attention probabilities (training with attention dropout > 0)"
 _V2 = ("is Swin V2 (cosine attention, continuous position bias), which the fused window attention does not "
        "compute; leave it as it is")
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _window(v) -> tuple[int, int]:
+    """``window_size`` as a pair of ints >= 1 (TypeError/ValueError naming it otherwise)."""
+    return ops._window_pair("window_size", v, 1)
+
+
+def _shift(v) -> tuple[int, int]:
+    """``shift_size`` as a pair of ints >= 0 (TypeError/ValueError naming it otherwise)."""
+    return ops._window_pair("shift_size", v, 0)
 
 
 def _attend(qkv: Tensor, window_size, shift_size, table: Tensor, num_heads: int, qkv_bias: Tensor | None,
@@ -37,7 +44,7 @@ def _attend(qkv: Tensor, window_size, shift_size, table: Tensor, num_heads: int,
     """The fused op, or the reference with dropout (warning once) when attention dropout is on."""
     if dropout_p > 0:
         _backend.select("window_attention", qkv.device, _DROPOUT)
-        return reference.window_attention(qkv, _pair(window_size), _pair(shift_size), table, num_heads,
+        return reference.window_attention(qkv, _window(window_size), _shift(shift_size), table, num_heads,
                                           qkv_bias, scale, order, mask, dropout_p)
     return ops.window_attention(qkv, window_size=window_size, shift_size=shift_size, rel_pos_bias_table=table,
                                 num_heads=num_heads, qkv_bias=qkv_bias, scale=scale, order=order, mask=mask)
@@ -51,12 +58,6 @@ def _dropout_p(attn: nn.Module) -> float:
 def _refuse_v2(module: nn.Module, name: str) -> None:
     if hasattr(module, "logit_scale") or hasattr(module, "cpb_mlp"):
         raise TypeError(f"{name} ({type(module).__name__}) {_V2}")
-
-
-def _check_like(module: nn.Module, name: str, kind: str, attrs: tuple[str, ...]) -> None:
-    missing = [a for a in attrs if not hasattr(module, a)]
-    if missing:
-        raise TypeError(f"{name} must be a {kind}; {type(module).__name__} lacks {missing}")
 
 
 class ShiftedWindowAttention(nn.Module):
@@ -109,7 +110,7 @@ class ShiftedWindowAttention(nn.Module):
         a torchvision ``ShiftedWindowAttention``, and taking its training mode. Swin V2's
         ``ShiftedWindowAttentionV2`` raises TypeError."""
         _refuse_v2(attn, "attn")
-        _check_like(attn, "attn", "torchvision ShiftedWindowAttention",
+        check_like(attn, "attn", "torchvision ShiftedWindowAttention",
                     ("qkv", "proj", "relative_position_bias_table", "window_size", "shift_size", "num_heads"))
         with torch.device("meta"):
             new = cls(attn.qkv.in_features, list(attn.window_size), list(attn.shift_size), attn.num_heads,
@@ -145,7 +146,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.dim = dim
-        self.window_size = _pair(window_size)
+        self.window_size = _window(window_size)
         wh, ww = self.window_size
         self.window_area = wh * ww
         self.num_heads = num_heads
@@ -174,7 +175,7 @@ class WindowAttention(nn.Module):
         """timm's ``WindowAttention.set_window_size``: take a new window size and resize the bias table to
         it with timm's own ``resize_rel_pos_bias_table`` (so it needs timm), as a new Parameter keeping
         ``requires_grad``. A timm block's ``set_input_size`` calls it."""
-        window_size = _pair(window_size)
+        window_size = _window(window_size)
         if window_size == self.window_size:
             return
         from timm.layers import resize_rel_pos_bias_table
@@ -198,13 +199,13 @@ class WindowAttention(nn.Module):
     def _adopt(cls, attn: nn.Module, name: str):
         """A new module of this class on ``attn``'s submodules and table, after checking what ``attn`` is."""
         _refuse_v2(attn, name)
-        _check_like(attn, name, "timm WindowAttention",
+        check_like(attn, name, "timm WindowAttention",
                     ("qkv", "proj", "attn_drop", "proj_drop", "relative_position_bias_table", "window_size",
                      "num_heads", "scale"))
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.dim = attn.qkv.in_features
-        new.window_size = _pair(attn.window_size)
+        new.window_size = _window(attn.window_size)
         new.window_area = new.window_size[0] * new.window_size[1]
         new.num_heads, new.scale = attn.num_heads, attn.scale
         new.relative_position_bias_table = attn.relative_position_bias_table
@@ -226,7 +227,7 @@ class SwinBlockAttention(WindowAttention):
 
     def __init__(self, *args, shift_size: int | tuple[int, int] = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.shift_size = _pair(shift_size)
+        self.shift_size = _shift(shift_size)
 
     def _path(self) -> tuple[nn.Module, tuple[int, int], tuple[int, int]]:
         """The module holding the weights, the window size and the shift to compute with: this module's
@@ -235,7 +236,7 @@ class SwinBlockAttention(WindowAttention):
         block = self.__dict__.get("_block")
         if block is None:
             return self, self.window_size, self.shift_size
-        return block.attn, _pair(block.window_size), _pair(block.shift_size)
+        return block.attn, _window(block.window_size), _shift(block.shift_size)
 
     def forward(self, x: Tensor) -> Tensor:
         attn, window_size, shift_size = self._path()
@@ -254,10 +255,10 @@ class SwinBlockAttention(WindowAttention):
         ``state_dict`` and parameters are unchanged; ``del block._attn`` restores the stock path. Installed,
         it computes with the block's window, shift and ``attn`` as they are at each call, so it stays
         right after ``block.set_input_size``. Swin V2 blocks raise TypeError."""
-        _check_like(block, "block", "timm SwinTransformerBlock",
+        check_like(block, "block", "timm SwinTransformerBlock",
                     ("attn", "window_size", "shift_size", "_attn"))
         new = cls._adopt(block.attn, "block.attn")
-        new.window_size, new.shift_size = _pair(block.window_size), _pair(block.shift_size)
+        new.window_size, new.shift_size = _window(block.window_size), _shift(block.shift_size)
         if install:  # instance attributes outside the module trees (no submodule cycle, no state_dict change)
             object.__setattr__(new, "_block", block)
             object.__setattr__(block, "_attn", new)  # found before the class's method
