@@ -29,6 +29,7 @@ setup(
             "hypothesis>=6",
             "ruff>=0.5",
             "timm>=1.0",
+            "torchvision",
             "transformers>=4.40",
             "matplotlib>=3.7",
         ],

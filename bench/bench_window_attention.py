@@ -104,11 +104,28 @@ def implementations(c, h, w, heads, window, device, dtype) -> dict:
     return impls
 
 
-def _step(fn, x, dy, backward: bool):
-    """One forward (inference, no autograd graph) or one forward and backward (x and weight gradients)."""
-    if backward:
-        return lambda: fn(x).backward(dy)
-    return torch.no_grad()(lambda: fn(x))
+def _parameters(impls: dict) -> list[torch.Tensor]:
+    """Every parameter behind the implementations, once: each is an nn.Module or a bound method of one
+    (timm's ``_attn``); the FlexAttention closure and the compiled ``_attn`` use the eager block's."""
+    owners = [fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None) for fn in impls.values()]
+    params = {id(p): p for m in owners if isinstance(m, torch.nn.Module) for p in m.parameters()}
+    return list(params.values())
+
+
+def _step(fn, x, dy, backward: bool, grads: list[torch.Tensor] = ()):
+    """One forward (inference, no autograd graph) or one forward and backward (x and weight gradients).
+    The backward first sets the .grad of x and of ``grads`` to None, so that it allocates fresh gradients
+    (counted in peak memory) instead of accumulating into the last call's."""
+    if not backward:
+        return torch.no_grad()(lambda: fn(x))
+
+    def run():
+        x.grad = None
+        for t in grads:
+            t.grad = None
+        fn(x).backward(dy)
+
+    return run
 
 
 def flops(b, h, w, c, heads, window, backward: bool) -> float:
@@ -129,13 +146,14 @@ def run(out_dir, quick: bool = False, device: torch.device | None = None) -> Tab
         x = torch.randn(b, h, w, c, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
         impls = implementations(c, h, w, heads, window, device, dtype)
+        params = _parameters(impls)
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "fwd"
             for impl, fn in impls.items():
                 work = flops(b, h, w, c, heads, window, backward)
                 table.time(f"{name} B={b} {h}x{w} C={c} heads={heads} w={window}", dtype, mode, impl,
-                           _step(fn, x, dy, backward), work, memory=True)
-        del x, dy, impls
+                           _step(fn, x, dy, backward, params), work, memory=True)
+        del x, dy, impls, params
         table.write(out_dir)
     return table
 

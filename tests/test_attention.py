@@ -16,11 +16,7 @@ from torch import nn
 import fusedtx
 from fusedtx import _backend, reference
 from tests.conftest import DEVICE, DTYPES, ON_CUDA
-from tests.helpers import TOLERANCE, assert_close
-
-# float32 on CUDA runs tf32 dot products (~3e-4 per product; the backward chains several of them).
-TF32_TOLERANCE = 1e-3
-
+from tests.helpers import assert_close, dot_tolerance
 
 # Tests of masks, bias and layouts use one dtype and, on CUDA, one head dim, so that they share compiled
 # kernels (each head dim, dtype and flag set is one Triton compilation); on the CPU they vary head dims.
@@ -29,10 +25,6 @@ FLAG_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 
 def _d(cpu_head_dim: int) -> int:
     return 64 if ON_CUDA else cpu_head_dim
-
-
-def _tol(dtype: torch.dtype) -> float:
-    return TF32_TOLERANCE if ON_CUDA and dtype == torch.float32 else TOLERANCE[dtype]
 
 
 def _qkv(b, h, nq, nk, d, dtype):
@@ -55,7 +47,7 @@ def _check(q, k, v, dtype, bias=None, key_padding_mask=None, causal=False, scale
     ref_grads = torch.autograd.grad(ref, refs, do.double())
 
     assert out.dtype == q.dtype and out.shape == q.shape
-    tol = _tol(dtype)
+    tol = dot_tolerance(dtype)
     assert_close(out, ref, dtype, "out", tol=tol)
     for name, t, g, rg in zip(("dq", "dk", "dv", "dbias"), inputs, grads, ref_grads, strict=False):
         assert g.shape == t.shape and g.dtype == t.dtype, name
@@ -167,7 +159,7 @@ def test_bias_is_read_through_its_strides():
     for view in views:
         out = fusedtx.attention(q, k, v, bias=view)
         assert_close(out, reference.attention(q.double(), k.double(), v.double(), view.contiguous().double()),
-                     FLAG_DTYPE, "out", tol=_tol(FLAG_DTYPE))
+                     FLAG_DTYPE, "out", tol=dot_tolerance(FLAG_DTYPE))
 
 
 def test_fully_masked_rows_give_zeros():
@@ -279,9 +271,9 @@ def test_torch_compile_fullgraph():
     refs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
     ref = reference.attention(*refs[:3], refs[3], causal=True) * 2
     ref_grads = torch.autograd.grad(ref.sum(), refs)
-    assert_close(out, ref, FLAG_DTYPE, "out", tol=_tol(FLAG_DTYPE))
+    assert_close(out, ref, FLAG_DTYPE, "out", tol=dot_tolerance(FLAG_DTYPE))
     for g, rg, name in zip(grads, ref_grads, ("dq", "dk", "dv", "dbias"), strict=True):
-        assert_close(g, rg, FLAG_DTYPE, name, tol=_tol(FLAG_DTYPE))
+        assert_close(g, rg, FLAG_DTYPE, name, tol=dot_tolerance(FLAG_DTYPE))
 
 
 def test_uncovered_cases_fall_back_with_a_warning():
@@ -343,7 +335,7 @@ def _module_parity(fused, stock, fused_inputs, call):
     stock_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in fused_inputs]
     out = call(fused, fused_inputs)
     ref = call(stock, stock_inputs)
-    assert_close(out, ref, torch.float32, "output", tol=_tol(torch.float32))
+    assert_close(out, ref, torch.float32, "output", tol=dot_tolerance(torch.float32))
     dy = torch.randn_like(out)
     out.backward(dy)
     ref.backward(dy.double())
@@ -353,7 +345,7 @@ def _module_parity(fused, stock, fused_inputs, call):
         if rg.norm() < 1e-9:  # analytically zero (e.g. a key-norm bias: it shifts a row's scores evenly)
             assert g.abs().max() < 1e-4, f"gradient {i} should be zero"
         else:
-            assert_close(g, rg, torch.float32, f"gradient {i}", tol=_tol(torch.float32))
+            assert_close(g, rg, torch.float32, f"gradient {i}", tol=dot_tolerance(torch.float32))
 
 
 MHA_CASES = [
@@ -429,7 +421,7 @@ def test_multihead_attention_unbatched_weights_dropout_and_from_module():
     assert w is None
     stock64 = copy.deepcopy(stock).double()
     assert_close(out, stock64(x.double(), x.double(), x.double(), need_weights=False)[0], torch.float32,
-                 tol=_tol(torch.float32))
+                 tol=dot_tolerance(torch.float32))
     _backend._warned.clear()
     with pytest.warns(UserWarning, match="does not return attention weights"):
         out_w, weights = fused(x, x, x, average_attn_weights=False)
@@ -453,7 +445,7 @@ TIMM_CASES = [
 
 @pytest.mark.parametrize("case", TIMM_CASES, ids=["plain", "qk_norm_bool_mask", "gated_float_mask_causal"])
 def test_timm_attention_parity(case):
-    timm_attention = pytest.importorskip("timm.layers").Attention
+    from timm.layers import Attention as timm_attention
     dim, heads, b, n = 48, 3, 2, 13
     stock = timm_attention(dim, heads, device=DEVICE, **case["kwargs"])
     fused = fusedtx.nn.Attention(dim, heads, device=DEVICE, **case["kwargs"])
@@ -479,12 +471,12 @@ def test_timm_attention_parity(case):
 
 
 def test_timm_attention_from_module_and_dropout():
-    timm_attention = pytest.importorskip("timm.layers").Attention
+    from timm.layers import Attention as timm_attention
     stock = timm_attention(32, 4, qkv_bias=True, attn_drop=0.3, device=DEVICE).eval()
     fused = fusedtx.nn.Attention.from_module(stock)
     assert fused.qkv.weight is stock.qkv.weight and fused.proj is stock.proj
     x = torch.randn(2, 10, 32, device=DEVICE)
-    assert_close(fused(x), copy.deepcopy(stock).double()(x.double()), torch.float32, tol=_tol(torch.float32))
+    assert_close(fused(x), copy.deepcopy(stock).double()(x.double()), torch.float32, tol=dot_tolerance(torch.float32))
     fused.train()
     _backend._warned.clear()
     with pytest.warns(UserWarning, match="dropout"):
