@@ -1,8 +1,10 @@
 """Packaging for fusedtx.
 
-The Triton kernels live in the top-level folder ``kernels/`` and are installed as the subpackage
-``fusedtx.kernels`` (``package_dir`` maps it), so nothing named plain ``kernels`` reaches
-site-packages. Always import them as ``fusedtx.kernels``.
+The Triton kernels live in the top-level folder ``kernels/`` and the benchmarks in ``bench/``; they are
+installed as the subpackages ``fusedtx.kernels`` and ``fusedtx.bench`` (``package_dir`` maps them), so
+nothing named plain ``kernels`` or ``bench`` reaches site-packages and ``fusedtx bench`` works from any
+folder. Always import them as ``fusedtx.kernels`` and ``fusedtx.bench``. ``bench/results/`` (committed GPU
+results) is not package data.
 """
 
 from setuptools import setup
@@ -15,8 +17,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fusedtx", "fusedtx.nn", "fusedtx.kernels"],
-    package_dir={"fusedtx.kernels": "kernels"},
+    packages=["fusedtx", "fusedtx.nn", "fusedtx.ops", "fusedtx.kernels", "fusedtx.bench"],
+    package_dir={"fusedtx.kernels": "kernels", "fusedtx.bench": "bench"},
     # torch 2.11 (the GPU machine) through 2.14 (CI); Triton 3.6 through 3.9 ships beside them.
     install_requires=[
         "torch>=2.11,<2.15",

@@ -1,7 +1,7 @@
 """Attention: fusedtx vs F.scaled_dot_product_attention (each backend: flash, efficient, cuDNN, math),
 FlexAttention (compiled), the eager reference and torch.compile of the reference.
 
-    python -m bench.bench_attention [--out DIR] [--quick]
+    python -m fusedtx.bench.bench_attention [--out DIR] [--quick]
     python -m pytest bench/bench_attention.py --benchmark-only   # pytest-benchmark
 
 FLOPs counted: 4·B·H·Nq·Nk·D for the forward (q·kᵀ and p·v), 2.5 times that for the backward
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fusedtx
-from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import reference
+from fusedtx.bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings, synchronized
 
 # (name, B, H, N, D, bias, causal): the issue's shapes, the headline case first (the table is rewritten
 # after every case, so a run stopped by a time limit still leaves the cases it finished).
@@ -146,7 +146,7 @@ def test_attention(benchmark):
     b, h, n, d = (8, 12, 4096, 64) if device.type == "cuda" else (1, 2, 40, 32)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
-    benchmark(lambda: fusedtx.attention(q, k, v))
+    benchmark(synchronized(lambda: fusedtx.attention(q, k, v), device))
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,7 @@
 """LayerNorm+GELU: fusedtx vs torch eager (nn.LayerNorm then GELU) vs torch.compile of the reference
 (vs apex's FusedLayerNorm then GELU where apex is installed).
 
-    python -m bench.bench_layer_norm_gelu [--out DIR] [--quick]
+    python -m fusedtx.bench.bench_layer_norm_gelu [--out DIR] [--quick]
     python -m pytest bench/bench_layer_norm_gelu.py --benchmark-only   # pytest-benchmark
 
 Bytes counted: forward reads x and writes y (2·M·N elements; weight and bias are negligible);
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedtx
-from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import reference
+from fusedtx.bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings, synchronized
 
 GPU_HIDDEN = (768, 1024, 4096, 8192, 16384)
 GPU_ROWS = (4096, 16384, 65536)
@@ -94,7 +94,7 @@ def test_layer_norm_gelu(benchmark):
     x = torch.randn(m, n, device=device, dtype=dtype)
     w = torch.randn(n, device=device, dtype=dtype)
     b = torch.randn(n, device=device, dtype=dtype)
-    benchmark(lambda: fusedtx.layer_norm_gelu(x, w, b))
+    benchmark(synchronized(lambda: fusedtx.layer_norm_gelu(x, w, b), device))
 
 
 def main(argv=None) -> None:

@@ -1,6 +1,6 @@
 """Sinusoidal position encodings: fusedtx vs the reference (eager and torch.compile) vs a stored table.
 
-    python -m bench.bench_sinusoidal [--out DIR] [--quick]
+    python -m fusedtx.bench.bench_sinusoidal [--out DIR] [--quick]
     python -m pytest bench/bench_sinusoidal.py --benchmark-only   # pytest-benchmark
 
 Modes (the ``mode`` column):
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import fusedtx
-from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import reference
+from fusedtx.bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings, synchronized
 
 # (tokens, dim) of the generated tables; (grid_h, grid_w, dim) for 2D.
 GPU_GENERATE = [(4096, 1024), (65536, 4096)]
@@ -136,7 +136,7 @@ def test_sinusoidal(benchmark):
     device = default_device()
     shape, dtype = ((16, 4096, 1024), torch.bfloat16) if device.type == "cuda" else ((2, 197, 64), torch.float32)
     x = torch.randn(shape, device=device, dtype=dtype)
-    benchmark(lambda: fusedtx.add_sinusoidal(x))
+    benchmark(synchronized(lambda: fusedtx.add_sinusoidal(x), device))
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,7 @@ padding, partition, attention with relative position bias and shift mask, revers
 fusedtx vs timm eager, timm with its fused (SDPA) path on, torchvision, FlexAttention (bias as score_mod,
 shift regions as a block mask) and torch.compile of timm's eager path.
 
-    python -m bench.bench_window_attention [--out DIR] [--quick]
+    python -m fusedtx.bench.bench_window_attention [--out DIR] [--quick]
     python -m pytest bench/bench_window_attention.py --benchmark-only   # pytest-benchmark
 
 FLOPs counted: the Linears (8·T·C² for T = B·H·W tokens) plus attention over the padded windows
@@ -20,9 +20,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings
 from fusedtx import nn as fnn
 from fusedtx import reference
+from fusedtx.bench.harness import FUSEDTX, Table, bench_main, default_device, measure_ceilings, synchronized
 
 # (name, B, H, W, C, heads, window): stage shapes of Swin-T (C 96, heads 3..24) and Swin-B (C 128, heads
 # 4..32), all shifted blocks (shift = window // 2). The headline case first: the table is rewritten after
@@ -166,7 +166,7 @@ def test_window_attention(benchmark):
     fused = implementations(c, h, w, heads, window, device, dtype)[FUSEDTX]
     x = torch.randn(b, h, w, c, device=device, dtype=dtype)
     with torch.no_grad():
-        benchmark(lambda: fused(x))
+        benchmark(synchronized(lambda: fused(x), device))
 
 
 def main(argv=None) -> None:

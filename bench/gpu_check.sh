@@ -43,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 step ceilings 60 python3 -c "
 import json, os, torch
-from bench.harness import measure_ceilings
+from fusedtx.bench.harness import measure_ceilings
 os.environ.pop('FUSEDTX_CEILINGS')
 c = measure_ceilings(torch.device('cuda'))
 open('$FUSEDTX_CEILINGS', 'w').write(json.dumps(c))

@@ -29,15 +29,17 @@ def default_device() -> torch.device:
 
 
 def default_out_dir() -> Path:
-    """``$OUT`` when set (the GPU machine's result folder), else ``bench/results/latest``."""
+    """``$OUT`` when set (the GPU machine's result folder), else ``fusedtx-bench`` in the current folder
+    (the installed package is no place for results; commit GPU results under the repository's
+    ``bench/results/``)."""
     out = os.environ.get("OUT")
-    return Path(out) if out else Path(__file__).resolve().parent / "results" / "latest"
+    return Path(out) if out else Path("fusedtx-bench")
 
 
 def bench_main(run: Callable[..., Table], doc: str | None, argv: list[str] | None = None) -> Path:
     """The command line every bench module shares: ``--out DIR`` and ``--quick``; returns the folder."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
+    p.add_argument("--out", default=None, help="output folder (default: $OUT or ./fusedtx-bench)")
     p.add_argument("--quick", action="store_true", help="a few shapes only")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else default_out_dir()
@@ -60,6 +62,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronization, so that a timer around it (pytest-benchmark's) measures
+    the work, not its launch."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
@@ -115,13 +131,16 @@ class Table:
 
     def time(self, case: str, dtype: torch.dtype, mode: str, impl: str, fn: Callable[[], object],
              work: float, memory: bool = False) -> dict:
-        """Time ``fn`` and record a row; a peer that fails (unsupported here) is recorded as n/a."""
+        """Time ``fn`` and record a row. A peer that fails (unsupported on this card or torch build) is
+        recorded as n/a with its reason; a fusedtx failure is an error and propagates."""
         row = {"case": case, "dtype": str(dtype).removeprefix("torch."), "mode": mode, "impl": impl}
         try:
             ms = time_ms(fn, self.device)
             row["ms"] = ms
             row["peak_mb"] = peak_memory_mb(fn, self.device) if memory else math.nan
-        except Exception as exc:  # a peer missing on this card or torch build is reported, not fatal
+        except Exception as exc:
+            if impl == FUSEDTX:
+                raise
             row.update(ms=math.nan, peak_mb=math.nan, error=f"{type(exc).__name__}: {str(exc)[:80]}")
         scale = 1e6 if self.metric == "GB/s" else 1e9
         row["rate"] = work / row["ms"] / scale if row["ms"] == row["ms"] else math.nan

@@ -1,6 +1,6 @@
 """Compile the chosen kernel configs for sm_90a (H100) on a machine with no GPU and report resources.
 
-    python -m bench.sm90_resources [family ...] [--out FILE.md]
+    python -m fusedtx.bench.sm90_resources [family ...] [--out FILE.md]
 
 For each config: registers per thread, stack and local memory (non-zero means spills), shared
 memory, and whether the SASS uses Hopper's wgmma tensor-core instructions (HGMMA). Uses Triton's own
@@ -150,7 +150,7 @@ def _sinusoidal_configs():
 
 def _window_attention_configs():
     from fusedtx.kernels import window_attention as k
-    from fusedtx.ops import window_fp32_backward_covers
+    from fusedtx.kernels.support import window_fp32_backward_covers
 
     unit = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
     # (kind, window, head dim): Swin's windows 7 and 8 (one tile: backward with dQ fused) and 12 and 16

@@ -1,26 +1,23 @@
 """fusedtx: fused Triton kernels for transformers and vision transformers.
 
-Functional ops live at the top level (``fusedtx.layer_norm_gelu``, ...), drop-in modules in
-``fusedtx.nn``, the PyTorch references in ``fusedtx.reference``. ``fusedtx.use_backend`` and the
-``FUSEDTX_BACKEND`` variable choose between the Triton kernels and the references.
+Functional ops live at the top level (``fusedtx.attention``, ``fusedtx.layer_norm_gelu``, ...), drop-in
+modules in ``fusedtx.nn``, model surgery in ``fusedtx.swap`` / ``fusedtx.unswap``, the PyTorch
+references in ``fusedtx.reference``. ``fusedtx.use_backend`` and the ``FUSEDTX_BACKEND`` variable choose
+the backend (see ``fusedtx._backend``).
 """
 
 from fusedtx import nn, reference
 from fusedtx._backend import use_backend
-from fusedtx.ops import (
-    add_sincos_2d,
-    add_sinusoidal,
-    attention,
-    layer_norm,
-    layer_norm_gelu,
-    sincos_2d,
-    sinusoidal_encoding,
-    window_attention,
-)
+from fusedtx.ops.attention import attention
+from fusedtx.ops.layer_norm_gelu import layer_norm, layer_norm_gelu
+from fusedtx.ops.sinusoidal import add_sincos_2d, add_sinusoidal, sincos_2d, sinusoidal_encoding
+from fusedtx.ops.window_attention import window_attention
+from fusedtx.surgery import SwapReport, swap, unswap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SwapReport",
     "add_sincos_2d",
     "add_sinusoidal",
     "attention",
@@ -30,6 +27,8 @@ __all__ = [
     "reference",
     "sincos_2d",
     "sinusoidal_encoding",
+    "swap",
+    "unswap",
     "use_backend",
     "window_attention",
     "__version__",

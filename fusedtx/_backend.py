@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
+from fusedtx.kernels.support import interpreter_enabled
+
 BACKENDS = ("auto", "triton", "reference")
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtx_backend", default=None)
@@ -52,11 +54,6 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.reset(token)
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import platform
 import sys
 
 import torch
 
 from fusedtx import _backend
+from fusedtx.kernels.support import FAMILIES
 
 
 def families() -> list[str]:
-    """The kernel families, one module each in ``fusedtx.kernels`` (listed without importing Triton)."""
-    import fusedtx.kernels
-
-    return sorted(m.name for m in pkgutil.iter_modules(fusedtx.kernels.__path__))
+    """The kernel families (``fusedtx.kernels.support.FAMILIES``; listed without importing Triton)."""
+    return list(FAMILIES)
 
 
 def _version(module: str) -> str:
@@ -62,25 +60,15 @@ def info() -> str:
 
 def bench(names: list[str], out: str | None, quick: bool) -> None:
     """Run the bench modules of the named families (``all``: every family with a bench)."""
-    try:
-        from bench.harness import default_out_dir
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("bench", "bench.harness"):
-            raise
-        raise SystemExit("fusedtx bench: no bench package here (run it from the repository root)") from exc
+    from fusedtx.bench.harness import default_out_dir
+
     wanted = families() if names in ([], ["all"]) else names
     unknown = set(wanted) - set(families())
     if unknown:
         raise SystemExit(f"unknown families {sorted(unknown)}; choose from {families()} or 'all'")
     out_dir = out or default_out_dir()
     for family in wanted:
-        try:
-            module = importlib.import_module(f"bench.bench_{family}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"bench.bench_{family}":
-                raise
-            print(f"{family}: no bench module (run from the repository root)")
-            continue
+        module = importlib.import_module(f"fusedtx.bench.bench_{family}")
         table = module.run(out_dir, quick=quick)
         print(f"{family}: {len(table.rows)} rows -> {out_dir}/{table.name}.md")
 
@@ -95,9 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend each op takes and why")
     sub.add_parser("profile", add_help=False, help="stock vs fused model at 4096 patches (fusedtx profile --help)")
-    p_bench = sub.add_parser("bench", help="run benchmarks (from the repository root)")
+    p_bench = sub.add_parser("bench", help="run the benchmarks against fusedtx's peers")
     p_bench.add_argument("families", nargs="*", help=f"'all' (default) or some of: {', '.join(families())}")
-    p_bench.add_argument("--out", default=None, help="output folder (default: $OUT or bench/results/latest)")
+    p_bench.add_argument("--out", default=None, help="output folder (default: $OUT or ./fusedtx-bench)")
     p_bench.add_argument("--quick", action="store_true", help="a few shapes per family")
     args = parser.parse_args(argv)
     if args.command == "info":

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fusedtx import _backend
-from fusedtx.swap import swap
+from fusedtx.surgery import swap
 
 GPU_DEFAULTS = {"img_size": 1024, "batch": 8, "dtype": "bfloat16", "steps": 20}
 CPU_DEFAULTS = {"img_size": 384, "batch": 1, "dtype": "float32", "steps": 3}
@@ -98,8 +98,13 @@ def _profile(fn, device: torch.device, trace: Path) -> dict[str, float]:
             torch.cuda.synchronize(device)
     prof.export_chrome_trace(str(trace))
     totals: dict[str, float] = {}
+    on_device = device.type == "cuda"
     for event in prof.key_averages():
-        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        # On CUDA only the kernels' own events count: a host op's device time is that of its kernels,
+        # which are events of their own, so counting both would count them twice.
+        if on_device and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.self_device_time_total if on_device else event.self_cpu_time_total
         if us > 0:
             fam = family_of(event.key)
             totals[fam] = totals.get(fam, 0.0) + us / 1e3

@@ -16,7 +16,7 @@ and the partition and crops the padding in one store. Padding tokens take part a
 the qkv Linear's bias (what the stock modules' Linear gives for their zero padding); their own outputs are
 dropped, so their queries never matter.
 
-Scores are the attention core's :func:`~fusedtx.kernels.attention.scores` (q·kᵀ·scale in log2 units,
+Scores are the online-softmax core's :func:`~fusedtx.kernels.softmax_core.scores` (q·kᵀ·scale in log2 units,
 keys past the window -inf) plus the relative position bias gathered from the ((2wh-1)(2ww-1), heads)
 table and the shift mask (-100 between regions of the shifted map). Each token carries one int code,
 ``v·16 + region``: its bias coordinate ``v = ty·(2ww-1) + tx``, so that the table row of a (query i,
@@ -45,8 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtx._backend import interpreter_enabled
-from fusedtx.kernels.attention import (
+from fusedtx.kernels.softmax_core import (
     LOG2E,
     add_bias,
     block_d,
@@ -56,6 +55,7 @@ from fusedtx.kernels.attention import (
     scores,
     softmax_bwd,
 )
+from fusedtx.kernels.support import interpreter_enabled
 
 _LOG2E = tl.constexpr(LOG2E)
 _SHIFT_MASK_LOG2 = tl.constexpr(-100.0 * LOG2E)  # the stock modules' -100 between regions, in log2 units
@@ -413,7 +413,7 @@ def configs(kind: str, tokens: int) -> tuple[int, int, int]:
     The "bwd" kernel's query tile is always the whole window (BLOCK_M = block_q(tokens)); with one key
     block (windows up to 64 tokens on a GPU) it computes dQ too and "dq" is not launched. The interpreter
     runs small blocks, so windows of 49 tokens there take the multi-block paths (dq kernel included).
-    Chosen so the sm_90a builds do not spill (python -m bench.sm90_resources window_attention); not yet
+    Chosen so the sm_90a builds do not spill (python -m fusedtx.bench.sm90_resources window_attention); not yet
     tuned on a GPU."""
     n = block_q(tokens)
     if interpreter_enabled():
@@ -511,7 +511,7 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         )
     dtable = None
     if table_grad:
-        dtable = torch.empty_like(table)
+        dtable = table.new_empty(table.shape)
         _table_grad_kernel[(table.shape[0] * num_heads,)](
             dbias.sum(0), dtable, num_heads, *dtable.stride(), WH=window_size[0], WW=window_size[1],
             BLOCK_Q=bq,

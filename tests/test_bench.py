@@ -19,7 +19,7 @@ def test_every_family_has_a_bench():
 def test_bench_runs_on_cpu(family, tmp_path):
     import importlib
 
-    module = importlib.import_module(f"bench.bench_{family}")
+    module = importlib.import_module(f"fusedtx.bench.bench_{family}")
     table = module.run(tmp_path, quick=True, device=torch.device("cpu"))
     for suffix in ("md", "csv", "png"):
         assert (tmp_path / f"{table.name}.{suffix}").stat().st_size > 0

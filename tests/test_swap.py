@@ -8,7 +8,7 @@ from torch import nn
 
 import fusedtx
 from fusedtx import _backend, profile
-from fusedtx.swap import FusedAway, swap, unswap
+from fusedtx.surgery import FusedAway, swap, unswap
 from tests.conftest import DEVICE
 from tests.helpers import assert_close
 

@@ -6,7 +6,7 @@
   same constructor, submodules and ``state_dict``; timm itself is not needed.
 
 What the kernel does not compute (attention weights, dropout on the attention probabilities) takes a
-reference path and says so once (``fusedtx.use_backend("triton")`` turns that into an error).
+PyTorch path and says so once (``fusedtx.use_backend("triton")`` turns that into an error).
 """
 
 from __future__ import annotations
@@ -17,29 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusedtx import _backend, ops, reference
+from fusedtx.ops.attention import attention
+from fusedtx.ops.common import fallback
 
 # transformers < 5: these ViT modules pass their head_mask where the interface takes the attention mask.
 _HF_HEAD_MASK_CLASSES = ("ViTSelfAttention", "ViTSdpaSelfAttention")
-_DROPOUT = "does not apply dropout to the attention probabilities (training with dropout > 0)"
 _WEIGHTS = "does not return attention weights; pass need_weights=False to use it"
-
-
-def _fallback(reason: str | None, device: torch.device) -> bool:
-    """True when the kernel cannot serve a call (``reason``): the reference path is taken, with a
-    one-time warning (an error under ``fusedtx.use_backend("triton")``)."""
-    if reason is None:
-        return False
-    _backend.select("attention", device, reason)
-    return True
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float | None,
-            dropout_p: float) -> Tensor:
-    """The fused op, or the reference with dropout (warning once) when attention dropout is on."""
-    if _fallback(_DROPOUT if dropout_p > 0 else None, q.device):
-        return reference.attention(q, k, v, bias, causal=causal, scale=scale, dropout_p=dropout_p)
-    return ops.attention(q, k, v, bias=bias, causal=causal, scale=scale)
 
 
 def check_like(module: nn.Module, name: str, kind: str, attrs: tuple[str, ...]) -> None:
@@ -67,9 +50,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     ``is_causal`` applies the causal mask (as a hint for ``attn_mask``, as torch treats it; here an
     ``attn_mask`` is not required with it). Returns ``(attn_output, None)``.
 
-    ``need_weights=True`` (torch's default) and dropout > 0 in training are computed by
-    ``torch.nn.MultiheadAttention``'s own forward, with a one-time warning: pass
-    ``need_weights=False`` for the kernel.
+    ``need_weights=True`` (torch's default) is computed by ``torch.nn.MultiheadAttention``'s own forward,
+    with a one-time warning: pass ``need_weights=False`` for the kernel. Dropout > 0 in training takes
+    the op's PyTorch path (see :func:`fusedtx.attention`).
     """
 
     def forward(
@@ -86,11 +69,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         reason = None
         if need_weights:
             reason = _WEIGHTS
-        elif self.training and self.dropout > 0:
-            reason = _DROPOUT
         elif query.is_nested or key.is_nested or value.is_nested:
             reason = "does not take nested tensors"
-        if _fallback(reason, query.device):
+        if fallback("attention", query.device, reason):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         self_attention = query is key and key is value
@@ -149,7 +130,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif key_padding_mask is not None:
             kpm = key_padding_mask.view(n, 1, 1, s)
             bias = kpm if bias is None else bias + kpm
-        out = ops.attention(q, k, v, bias=bias, key_padding_mask=padding, causal=causal)
+        out = attention(q, k, v, bias=bias, key_padding_mask=padding, causal=causal,
+                        dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
 
     @classmethod
@@ -179,8 +161,8 @@ class Attention(nn.Module):
     (True = attend, SDPA's convention) or float (added). Given together, ``attn_mask`` and
     ``is_causal`` both apply.
 
-    Dropout on the attention probabilities (training with ``attn_drop`` > 0) runs the reference
-    (``fusedtx.reference.attention`` with dropout) and warns once.
+    Dropout on the attention probabilities (training with ``attn_drop`` > 0) takes the op's PyTorch path
+    and warns once (see :func:`fusedtx.attention`).
     """
 
     fused_attn: bool = True
@@ -232,7 +214,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = _additive(attn_mask, False, q.dtype) if attn_mask is not None else None
-        x = _attend(q, k, v, bias, is_causal, self.scale, self.attn_drop.p if self.training else 0.0)
+        x = attention(q, k, v, bias=bias, causal=is_causal, scale=self.scale,
+                      dropout_p=self.attn_drop.p if self.training else 0.0)
         x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
@@ -268,16 +251,16 @@ def hf_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: T
     it. ``query`` (B, H, Nq, D), ``key`` and ``value`` (B, H, Nk, D); ``attention_mask`` additive float
     broadcastable to (B, H, Nq, Nk) (ViT passes none, Swin its relative position bias plus shift mask), or
     bool with True = attend. Returns ``(output (B, Nq, H, D), None)``, as transformers' functions do when
-    no weights are wanted. Dropout in training takes the reference with a one-time warning, and so does
+    no weights are wanted. Dropout in training takes the PyTorch path with a one-time warning, and so does
     the ``head_mask`` that transformers < 5's ViT passes as ``attention_mask`` (it multiplies the
     probabilities: the module's own ``eager_attention_forward`` computes it).
     """
     if attention_mask is not None and type(module).__name__ in _HF_HEAD_MASK_CLASSES:
-        _fallback("does not apply a head_mask (a multiplicative mask on the attention probabilities)",
-                  query.device)
+        fallback("attention", query.device,
+                 "does not apply a head_mask (a multiplicative mask on the attention probabilities)")
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, _ = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         return out, None
     bias = _additive(attention_mask, False, query.dtype) if attention_mask is not None else None
-    out = _attend(query, key, value, bias, False, scaling, dropout if module.training else 0.0)
+    out = attention(query, key, value, bias=bias, scale=scaling, dropout_p=dropout if module.training else 0.0)
     return out.transpose(1, 2), None

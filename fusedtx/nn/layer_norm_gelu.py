@@ -2,26 +2,73 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
 
-from fusedtx import ops, reference
+from fusedtx import reference
+from fusedtx.ops.layer_norm_gelu import layer_norm_gelu
 
 _GELU_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
-class LayerNormGELU(nn.Module):
+class LayerNorm(nn.LayerNorm):
+    """Drop-in ``torch.nn.LayerNorm`` running the fused ``layer_norm_gelu`` op (no activation).
+
+    It subclasses ``torch.nn.LayerNorm``: constructor, attributes (``normalized_shape``, ``eps``,
+    ``elementwise_affine``, ``weight``, ``bias``), initialization, ``state_dict`` and ``isinstance``
+    checks are the stock ones. Input (..., *normalized_shape), output of the same shape and dtype
+    (float32 under CUDA autocast, as ``nn.LayerNorm``). ``forward(x, residual=None)`` also takes an
+    optional residual of x's shape, returning ``(LayerNorm(x + residual), x + residual)``.
+    """
+
+    activation = "none"
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        k = len(self.normalized_shape)
+        if tuple(x.shape[-k:]) != tuple(self.normalized_shape):
+            raise ValueError(
+                f"x must end in normalized_shape {tuple(self.normalized_shape)}, got shape {tuple(x.shape)}"
+            )
+        if k == 1:
+            return layer_norm_gelu(x, self.weight, self.bias, self.eps, self.activation, residual)
+        # Several normalized dims: normalize their flattening, as nn.LayerNorm does.
+        flat = (*x.shape[:-k], -1)
+        out = layer_norm_gelu(
+            x.reshape(flat),
+            self.weight.reshape(-1) if self.weight is not None else None,
+            self.bias.reshape(-1) if self.bias is not None else None,
+            self.eps,
+            self.activation,
+            residual.reshape(flat) if residual is not None else None,
+        )
+        if residual is None:
+            return out.view(x.shape)
+        return out[0].view(x.shape), out[1].view(x.shape)
+
+    @classmethod
+    def from_module(cls, norm: nn.LayerNorm) -> LayerNorm:
+        """A fused ``LayerNorm`` sharing ``norm``'s parameters (the same ``nn.Parameter`` objects, so
+        optimizers and tied weights keep working) and taking its training mode."""
+        return cls._like(norm)
+
+    @classmethod
+    def _like(cls, norm: nn.LayerNorm, **kwargs):
+        """A new module of this class with ``norm``'s settings, parameters (the same objects) and mode."""
+        _check_norm(norm)
+        new = cls(norm.normalized_shape, norm.eps, norm.elementwise_affine, norm.bias is not None, device="meta",
+                  **kwargs)
+        new.weight, new.bias = norm.weight, norm.bias
+        return new.train(norm.training)
+
+
+class LayerNormGELU(LayerNorm):
     """``activation(LayerNorm(x))`` in one kernel: a drop-in for ``nn.Sequential(nn.LayerNorm, nn.GELU)``.
 
-    Constructor, attributes (``normalized_shape``, ``eps``, ``elementwise_affine``, ``weight``,
-    ``bias``) and ``state_dict`` are those of ``torch.nn.LayerNorm``, plus ``activation``
-    (``"gelu"`` exact, ``"gelu_tanh"``, ``"relu"`` or ``"none"``).
-
-    Shapes: input (..., *normalized_shape), output the same shape and dtype (float32 under CUDA
-    autocast, as ``nn.LayerNorm``). ``forward(x, residual=None)``: with a residual of x's shape it
-    returns ``(act(LayerNorm(x + residual)), x + residual)``.
+    Constructor, attributes and ``state_dict`` are those of ``torch.nn.LayerNorm`` (it is one, through
+    :class:`LayerNorm`), plus the keyword ``activation`` (``"gelu"`` exact, ``"gelu_tanh"``, ``"relu"``
+    or ``"none"``). Shapes: input (..., *normalized_shape), output the same shape and dtype (float32
+    under CUDA autocast, as ``nn.LayerNorm``). ``forward(x, residual=None)``: with a residual of x's
+    shape it returns ``(act(LayerNorm(x + residual)), x + residual)``.
     """
 
     def __init__(
@@ -34,61 +81,13 @@ class LayerNormGELU(nn.Module):
         dtype=None,
         activation: str = "gelu",
     ) -> None:
-        super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(int(d) for d in normalized_shape)
-        if not self.normalized_shape or min(self.normalized_shape) < 1:
-            raise ValueError(f"normalized_shape must be positive sizes, got {normalized_shape!r}")
         if activation not in reference.ACTIVATIONS:
             raise ValueError(f"activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.activation = activation
-        factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-        else:
-            self.register_parameter("weight", None)
-        if elementwise_affine and bias:
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        k = len(self.normalized_shape)
-        if tuple(x.shape[-k:]) != self.normalized_shape:
-            raise ValueError(
-                f"x must end in normalized_shape {self.normalized_shape}, got shape {tuple(x.shape)}"
-            )
-        if k == 1:
-            return ops.layer_norm_gelu(x, self.weight, self.bias, self.eps, self.activation, residual)
-        # Several normalized dims: normalize their flattening, as nn.LayerNorm does.
-        flat = (*x.shape[:-k], -1)
-        out = ops.layer_norm_gelu(
-            x.reshape(flat),
-            self.weight.reshape(-1) if self.weight is not None else None,
-            self.bias.reshape(-1) if self.bias is not None else None,
-            self.eps,
-            self.activation,
-            residual.reshape(flat) if residual is not None else None,
-        )
-        if residual is None:
-            return out.view(x.shape)
-        return out[0].view(x.shape), out[1].view(x.shape)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}, activation={self.activation!r}"
-        )
+        return f"{super().extra_repr()}, activation={self.activation!r}"
 
     @classmethod
     def from_module(cls, norm: nn.LayerNorm, act: nn.Module | None = None) -> LayerNormGELU:
@@ -98,52 +97,7 @@ class LayerNormGELU(nn.Module):
         The new module shares ``norm``'s parameters (the same ``nn.Parameter`` objects, so optimizers
         and tied weights keep working) and takes its training mode.
         """
-        _check_norm(norm)
-        return cls(
-            norm.normalized_shape, norm.eps, norm.elementwise_affine, norm.bias is not None,
-            device="meta", activation=_activation_name(act),
-        )._adopt(norm)
-
-    def _adopt(self, norm: nn.LayerNorm):
-        """Take ``norm``'s parameters (the same objects) and training mode."""
-        self.weight = norm.weight
-        self.bias = norm.bias
-        return self.train(norm.training)
-
-
-class LayerNorm(LayerNormGELU):
-    """Drop-in for ``torch.nn.LayerNorm``: same constructor, attributes and ``state_dict``.
-
-    Input (..., *normalized_shape); output of the same shape and dtype (float32 under CUDA autocast,
-    as ``nn.LayerNorm``). ``forward(x, residual=None)`` also takes an optional residual, returning
-    ``(LayerNorm(x + residual), x + residual)``.
-    """
-
-    def __init__(
-        self,
-        normalized_shape: int | tuple[int, ...] | torch.Size,
-        eps: float = 1e-5,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype, activation="none")
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}"
-        )
-
-    @classmethod
-    def from_module(cls, norm: nn.LayerNorm) -> LayerNorm:
-        """A fused ``LayerNorm`` sharing ``norm``'s parameters (the same ``nn.Parameter`` objects)
-        and training mode."""
-        _check_norm(norm)
-        return cls(
-            norm.normalized_shape, norm.eps, norm.elementwise_affine, norm.bias is not None, device="meta"
-        )._adopt(norm)
+        return cls._like(norm, activation=_activation_name(act))
 
 
 def _check_norm(norm: nn.Module) -> None:

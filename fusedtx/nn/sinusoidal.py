@@ -6,7 +6,9 @@ import numbers
 
 from torch import Tensor, nn
 
-from fusedtx import ops, reference
+from fusedtx import reference
+from fusedtx.ops.common import check_count
+from fusedtx.ops.sinusoidal import add_sincos_2d, add_sinusoidal, check_encoding_args
 
 
 def _check_width(x: Tensor, dim: int) -> None:
@@ -32,13 +34,13 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, dim: int, base: float = 10000.0, layout: str = "interleaved", dropout: float = 0.0) -> None:
         super().__init__()
-        ops._check_encoding_args(dim, 2, base, layout, reference.SINUSOIDAL_LAYOUTS)
+        check_encoding_args(dim, 2, base, layout, reference.SINUSOIDAL_LAYOUTS)
         self.dim, self.base, self.layout = int(dim), float(base), layout
         self.dropout = nn.Dropout(dropout)  # validates the probability
 
     def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         _check_width(x, self.dim)
-        return self.dropout(ops.add_sinusoidal(x, offset=offset, positions=positions, base=self.base,
+        return self.dropout(add_sinusoidal(x, offset=offset, positions=positions, base=self.base,
                                                layout=self.layout))
 
     def extra_repr(self) -> str:
@@ -63,8 +65,8 @@ class SinCos2dPositionalEncoding(nn.Module):
     def __init__(self, dim: int, base: float = 10000.0, layout: str = "mae", num_prefix_tokens: int = 0,
                  dropout: float = 0.0) -> None:
         super().__init__()
-        ops._check_encoding_args(dim, 4, base, layout, reference.SINCOS_2D_LAYOUTS)
-        ops._check_count("num_prefix_tokens", num_prefix_tokens, 0)
+        check_encoding_args(dim, 4, base, layout, reference.SINCOS_2D_LAYOUTS)
+        check_count("num_prefix_tokens", num_prefix_tokens, 0)
         self.dim, self.base, self.layout = int(dim), float(base), layout
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.dropout = nn.Dropout(dropout)  # validates the probability
@@ -77,7 +79,7 @@ class SinCos2dPositionalEncoding(nn.Module):
             grid_h, grid_w = grid_size
         else:
             raise ValueError(f"grid_size must be an int or a (height, width) pair, got {grid_size!r}")
-        return self.dropout(ops.add_sincos_2d(x, grid_h, grid_w, self.num_prefix_tokens, base=self.base,
+        return self.dropout(add_sincos_2d(x, grid_h, grid_w, self.num_prefix_tokens, base=self.base,
                                               layout=self.layout))
 
     def extra_repr(self) -> str:

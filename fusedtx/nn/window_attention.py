@@ -11,8 +11,8 @@
 
 Neither timm nor torchvision is needed. Swin V2 modules (cosine attention, a continuous position bias
 MLP) compute something else: ``from_module`` refuses them with a message and they stay as they are.
-Dropout on the attention probabilities (training with a nonzero attention dropout) runs the reference
-with dropout and warns once.
+Dropout on the attention probabilities (training with a nonzero attention dropout) takes the op's
+PyTorch path and warns once (see :func:`fusedtx.window_attention`).
 """
 
 from __future__ import annotations
@@ -21,33 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusedtx import _backend, ops, reference
+from fusedtx import reference
 from fusedtx.nn.attention import check_like
+from fusedtx.ops.window_attention import window_attention, window_pair
 
-_DROPOUT = "does not apply dropout to the attention probabilities (training with attention dropout > 0)"
 _V2 = ("is Swin V2 (cosine attention, continuous position bias), which the fused window attention does not "
        "compute; leave it as it is")
 
 
 def _window(v) -> tuple[int, int]:
     """``window_size`` as a pair of ints >= 1 (TypeError/ValueError naming it otherwise)."""
-    return ops._window_pair("window_size", v, 1)
+    return window_pair("window_size", v, 1)
 
 
 def _shift(v) -> tuple[int, int]:
     """``shift_size`` as a pair of ints >= 0 (TypeError/ValueError naming it otherwise)."""
-    return ops._window_pair("shift_size", v, 0)
-
-
-def _attend(qkv: Tensor, window_size, shift_size, table: Tensor, num_heads: int, qkv_bias: Tensor | None,
-            scale: float | None, order: str, mask: Tensor | None, dropout_p: float) -> Tensor:
-    """The fused op, or the reference with dropout (warning once) when attention dropout is on."""
-    if dropout_p > 0:
-        _backend.select("window_attention", qkv.device, _DROPOUT)
-        return reference.window_attention(qkv, _window(window_size), _shift(shift_size), table, num_heads,
-                                          qkv_bias, scale, order, mask, dropout_p)
-    return ops.window_attention(qkv, window_size=window_size, shift_size=shift_size, rel_pos_bias_table=table,
-                                num_heads=num_heads, qkv_bias=qkv_bias, scale=scale, order=order, mask=mask)
+    return window_pair("shift_size", v, 0)
 
 
 def _dropout_p(attn: nn.Module) -> float:
@@ -100,8 +89,9 @@ class ShiftedWindowAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         qkv = self.qkv(x)
         dropout = self.attention_dropout if self.training else 0.0
-        out = _attend(qkv, tuple(self.window_size), tuple(self.shift_size), self.relative_position_bias_table,
-                      self.num_heads, self.qkv.bias, None, "torchvision", None, dropout)
+        out = window_attention(qkv, window_size=tuple(self.window_size), shift_size=tuple(self.shift_size),
+                               rel_pos_bias_table=self.relative_position_bias_table, num_heads=self.num_heads,
+                               qkv_bias=self.qkv.bias, order="torchvision", dropout_p=dropout)
         return F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
     @classmethod
@@ -167,8 +157,9 @@ class WindowAttention(nn.Module):
                              f"got shape {tuple(x.shape)}")
         wins, n, _ = x.shape
         qkv = self.qkv(x).view(wins, *self.window_size, -1)  # each window a one-window map, nothing to pad
-        out = _attend(qkv, self.window_size, 0, self.relative_position_bias_table, self.num_heads, None,
-                      self.scale, "timm", mask, _dropout_p(self))
+        out = window_attention(qkv, window_size=self.window_size, shift_size=0,
+                               rel_pos_bias_table=self.relative_position_bias_table, num_heads=self.num_heads,
+                               scale=self.scale, mask=mask, dropout_p=_dropout_p(self))
         return self.proj_drop(self.proj(out.view(wins, n, -1)))
 
     def set_window_size(self, window_size: int | tuple[int, int]) -> None:
@@ -240,8 +231,9 @@ class SwinBlockAttention(WindowAttention):
 
     def forward(self, x: Tensor) -> Tensor:
         attn, window_size, shift_size = self._path()
-        out = _attend(attn.qkv(x), window_size, shift_size, attn.relative_position_bias_table, attn.num_heads,
-                      attn.qkv.bias, attn.scale, "timm", None, _dropout_p(attn))
+        out = window_attention(attn.qkv(x), window_size=window_size, shift_size=shift_size,
+                               rel_pos_bias_table=attn.relative_position_bias_table, num_heads=attn.num_heads,
+                               qkv_bias=attn.qkv.bias, scale=attn.scale, dropout_p=_dropout_p(attn))
         return attn.proj_drop(attn.proj(out))
 
     @classmethod

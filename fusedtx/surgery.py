@@ -36,9 +36,13 @@ class Rule:
 
 
 @functools.cache
-def _selects_attention_function(cls: type) -> bool:
-    """Whether ``cls.forward`` picks its attention function by ``config._attn_implementation``."""
-    return "_attn_implementation" in inspect.getsource(cls.forward)
+def _selects_attention_function(cls: type) -> bool | None:
+    """Whether ``cls.forward`` picks its attention function by ``config._attn_implementation``; None when
+    its source cannot be read (a frozen or compiled install)."""
+    try:
+        return "_attn_implementation" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
 
 
 @functools.cache
@@ -51,7 +55,11 @@ def _register_hf_attention() -> None:
 def _hf_attention(module: nn.Module) -> nn.Module:
     """A shallow copy of a Hugging Face attention module (same submodules and parameters) whose own copy
     of the config selects fusedtx's attention function through transformers' ``AttentionInterface``."""
-    if not _selects_attention_function(type(module)):
+    selects = _selects_attention_function(type(module))
+    if selects is None:
+        raise ValueError("its source cannot be read, so fusedtx cannot check that it selects its attention "
+                         "function through transformers' attention interface")
+    if not selects:
         raise ValueError("this transformers version computes attention inside the module (no attention "
                          "interface); transformers >= 4.48 is needed")
     _register_hf_attention()
@@ -173,7 +181,8 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
         qualified = f"{prefix}{name}"
         if name in skip:
             continue  # covered by the parent's fused path
-        if hasattr(child, "_fusedtx_stock"):  # swapped before: only its submodules may be new to this call
+        if hasattr(child, "_fusedtx_stock") or type(child).__module__.startswith("fusedtx."):
+            # swapped before, or built from fusedtx.nn: only its submodules may be new to this call
             _swap_children(child, f"{qualified}.", by_class, rules, report)
             continue
         rule = by_class.get(_class_name(child))

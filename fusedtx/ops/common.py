@@ -1,0 +1,111 @@
+"""What every family's ops share: argument validation, the fallback decision, and the custom-op plumbing."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fusedtx import _backend
+from fusedtx.kernels.support import KERNEL_DTYPES, MAX_SPAN
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def kernels(family: str):
+    """The Triton module of a family, imported on first use (importing it imports Triton)."""
+    return importlib.import_module(f"fusedtx.kernels.{family}")
+
+
+def unsupported_dtype(dtype: torch.dtype) -> str | None:
+    """Why the kernels do not cover ``dtype``, or None."""
+    if dtype in KERNEL_DTYPES:
+        return None
+    return f"has no {dtype} variant (it computes in float32)"
+
+
+def unsupported_span(spans: list[int], what: str) -> str | None:
+    """Why the kernels do not cover a call whose largest offset inside ``what`` is ``max(spans)``, or None."""
+    if max(spans, default=0) >= MAX_SPAN:
+        return f"indexes {what} with 32-bit offsets and this one spans more"
+    return None
+
+
+def first_reason(*reasons: str | None) -> str | None:
+    """The first reason that is not None (the kernels' coverage checks, in the order they are asked)."""
+    return next((r for r in reasons if r is not None), None)
+
+
+def check_dtype(name: str, dtype: torch.dtype) -> None:
+    """TypeError naming ``name`` unless ``dtype`` is a float dtype fusedtx computes in."""
+    if dtype not in FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {dtype}")
+
+
+def check_same_device(name: str, t: Tensor, other_name: str, other: Tensor) -> None:
+    """ValueError naming both tensors unless they are on one device."""
+    if t.device != other.device:
+        raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}")
+
+
+def check_tensor(name: str, t: Tensor, like: tuple[str, Tensor] | None = None,
+                 shape: tuple[int, ...] | None = None) -> None:
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` is a float tensor (on the device of the
+    named tensor ``like``, and of ``shape``, when given)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_dtype(name, t.dtype)
+    if like is not None:
+        check_same_device(name, t, *like)
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def check_count(name: str, value, minimum: int) -> None:
+    """TypeError/ValueError naming ``name`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_probability(name: str, p) -> float:
+    """``p`` as a float in [0, 1] (ValueError naming ``name`` otherwise)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+DROPOUT = "does not apply dropout to the attention probabilities (dropout_p > 0)"
+
+
+def fallback(op: str, device: torch.device, reason: str | None) -> bool:
+    """True when the kernels cannot serve a call of ``op`` for ``reason``: the caller computes it another
+    way. Under ``auto`` it warns once per (op, reason); under ``triton`` it raises. None means they can."""
+    if reason is None:
+        return False
+    _backend.select(op, device, reason)
+    return True
+
+
+def or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """``t``, or an empty tensor standing for None in a custom op's tensor outputs."""
+    return t if t is not None else like.new_empty(0)
+
+
+def vjp(fn: Callable[..., Tensor], args: tuple, wrt: tuple[bool, ...], cotangent: Tensor) -> list[Tensor | None]:
+    """The backward of a PyTorch forward ``fn(*args)`` (the reference's, or the fast path's): its
+    vector-Jacobian product for ``cotangent`` with respect to the arguments marked in ``wrt`` (None for
+    the others)."""
+    chosen = [i for i, w in enumerate(wrt) if w]
+
+    def forward(*primals):
+        full = list(args)
+        for i, p in zip(chosen, primals, strict=True):
+            full[i] = p
+        return fn(*full)
+
+    grads = iter(torch.func.vjp(forward, *(args[i] for i in chosen))[1](cotangent))
+    return [next(grads) if w else None for w in wrt]

@@ -1,0 +1,211 @@
+"""Swin (shifted) window attention, fused from the cyclic shift to the window reverse: ``window_attention``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedtx import _backend, reference
+from fusedtx.kernels.support import WINDOW_MAX_HEAD_DIM, WINDOW_MAX_TOKENS, span, window_fp32_backward_covers
+from fusedtx.ops.common import (
+    DROPOUT,
+    check_count,
+    check_probability,
+    check_tensor,
+    fallback,
+    first_reason,
+    kernels,
+    or_empty,
+    unsupported_dtype,
+    unsupported_span,
+    vjp,
+)
+
+
+def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *maps: Tensor) -> str | None:
+    """Why the window kernels do not cover a call on ``qkv`` (and, for the backward, the other (B, H, W, ·)
+    ``maps``), or None."""
+    tokens, head_dim = window_size[0] * window_size[1], qkv.shape[3] // (3 * num_heads)
+    fp32_backward = bool(maps) and qkv.dtype == torch.float32
+    return first_reason(
+        unsupported_dtype(qkv.dtype),
+        f"covers windows of up to {WINDOW_MAX_TOKENS} tokens" if tokens > WINDOW_MAX_TOKENS else None,
+        f"supports head dims up to {WINDOW_MAX_HEAD_DIM}" if head_dim > WINDOW_MAX_HEAD_DIM else None,
+        "has no float32 backward for windows over 64 tokens with head dims over 32"
+        if fp32_backward and not window_fp32_backward_covers(tokens, head_dim) else None,
+        unsupported_span([span(t, 3) for t in (qkv, *maps)], "one image"),
+    )
+
+
+def _windows_of(qkv: Tensor, window_size: list[int]) -> int:
+    bsz, h, w, _ = qkv.shape
+    return bsz * (-(-h // window_size[0])) * (-(-w // window_size[1]))
+
+
+@torch.library.custom_op("fusedtx::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(
+    qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, window_size: list[int],
+    shift_size: list[int], num_heads: int, scale: float, order: str,
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, W, C) contiguous, fp32 lse (B·windows, heads, N)); shift_size is the effective shift."""
+    reason = _window_unsupported(qkv, num_heads, window_size)
+    if _backend.select("window_attention", qkv.device, reason) == "triton":
+        return kernels("window_attention").window_attention_fwd(
+            qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order
+        )
+    out, lse = reference.window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias, scale,
+                                          order, mask, return_lse=True)
+    return out.contiguous(), lse.float().contiguous()
+
+
+@_window_attention_fwd.register_fake
+def _(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order):
+    bsz, h, w, c3 = qkv.shape
+    lse = qkv.new_empty((_windows_of(qkv, window_size), num_heads, window_size[0] * window_size[1]),
+                        dtype=torch.float32)
+    return qkv.new_empty((bsz, h, w, c3 // 3)), lse
+
+
+@torch.library.custom_op("fusedtx::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(
+    dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, out: Tensor,
+    lse: Tensor, window_size: list[int], shift_size: list[int], num_heads: int, scale: float, order: str,
+    table_grad: bool, bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dqkv contiguous, d(table) or an empty tensor, d(qkv_bias) or an empty tensor)."""
+    reason = _window_unsupported(qkv, num_heads, window_size, dout, out)
+    if _backend.select("window_attention", qkv.device, reason) == "triton":
+        dqkv, dtable, dbias = kernels("window_attention").window_attention_bwd(
+            dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
+            table_grad, bias_grad,
+        )
+    else:
+        def forward(qkv, table, b):
+            return reference.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
+
+        grads = vjp(forward, (qkv, table, qkv_bias), (True, table_grad, bias_grad), dout)
+        dqkv, dtable, dbias = (g.contiguous() if g is not None else None for g in grads)
+    return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv)
+
+
+@_window_attention_bwd.register_fake
+def _(dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
+      table_grad, bias_grad):
+    dtable = table.new_empty(table.shape) if table_grad else qkv.new_empty(0)
+    dbias = qkv_bias.new_empty(qkv_bias.shape) if bias_grad else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), dtable, dbias
+
+
+def _window_attention_setup(ctx, inputs, output):
+    qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order = inputs
+    out, lse = output
+    ctx.args = (window_size, shift_size, num_heads, scale, order)
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, table, qkv_bias, mask, out, lse)
+
+
+def _window_attention_backward(ctx, dout, _dlse):
+    qkv, table, qkv_bias, mask, out, lse = ctx.saved_tensors
+    table_grad = ctx.needs_input_grad[1]
+    bias_grad = qkv_bias is not None and ctx.needs_input_grad[2]
+    dqkv, dtable, dbias = _window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, *ctx.args,
+                                                table_grad, bias_grad)
+    return (dqkv, dtable if table_grad else None, dbias if bias_grad else None, *[None] * 6)
+
+
+_window_attention_fwd.register_autograd(_window_attention_backward, setup_context=_window_attention_setup)
+
+
+def window_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair (TypeError/ValueError naming ``name``)."""
+    pair = (value, value) if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    for v in pair:
+        check_count(name, v, minimum)
+    return int(pair[0]), int(pair[1])
+
+
+def window_attention(
+    qkv: Tensor,
+    *,
+    window_size: int | tuple[int, int],
+    shift_size: int | tuple[int, int],
+    rel_pos_bias_table: Tensor,
+    num_heads: int,
+    qkv_bias: Tensor | None = None,
+    scale: float | None = None,
+    order: str = "timm",
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Swin (shifted) window attention from the qkv projection of a map to the input of proj, in one kernel.
+
+    Per window of N = wh·ww tokens of the cyclically shifted, padded map: ``softmax(q·kᵀ·scale +
+    rel_pos_bias_table[relative index] + shift mask [+ mask])·v``; then the windows are reversed,
+    un-shifted and cropped, as timm's ``SwinTransformerBlock._attn`` and torchvision's
+    ``shifted_window_attention`` do between their qkv and proj Linears.
+
+    Args:
+        qkv: (B, H, W, 3·C) output of the qkv Linear on the (B, H, W, dim) map, channels laid out
+            (3, num_heads, head_dim), C = num_heads·head_dim; any strides. float16 / bfloat16 / float32
+            (float64, head dims above 128, windows above 256 tokens, and the float32 backward of windows
+            above 64 tokens with head dims above 32 run the reference). On CUDA, float32 uses tf32 dot
+            products (about 3e-4 relative error).
+        window_size: (wh, ww) or an int; H and W need not be multiples of it.
+        shift_size: (sh, sw) or an int, >= 0: the cyclic shift (0 for plain window attention).
+        rel_pos_bias_table: ((2wh-1)·(2ww-1), num_heads) relative position bias table, any float dtype;
+            receives a gradient (deterministic).
+        num_heads: heads.
+        qkv_bias: (3·C,) the qkv Linear's bias, or None: padded positions hold it, as they do in the stock
+            modules (which pad before the Linear); its gradient from the padded keys and values is returned.
+        scale: multiplies q·kᵀ; default head_dim^-0.5.
+        order: ``"timm"``: roll by -shift, then pad (timm ``SwinTransformerBlock``; pass the block's
+            ``window_size`` and ``shift_size``, which it clamps to the input resolution when built);
+            ``"torchvision"``: pad, then roll, dropping the shift along an axis whose padded size is not
+            larger than the window (torchvision ``ShiftedWindowAttention``). The shift mask (-100 between
+            regions) is built on the padded map in both.
+        mask: optional (M, N, N) additive mask, any float dtype, no gradient: window number g, counted
+            over (batch, window row, window column), adds ``mask[g % M]`` (timm ``WindowAttention``'s mask
+            for pre-partitioned windows: qkv (B·nW, wh, ww, 3·C) with window_size (wh, ww)).
+        dropout_p: dropout on the attention probabilities (pass it only in training). The kernels do not
+            apply it: a call with ``dropout_p > 0`` takes the PyTorch path with a one-time warning (an
+            error under ``fusedtx.use_backend("triton")``).
+
+    Returns:
+        (B, H, W, C) in qkv's dtype, contiguous: the attention output at every map position, ready for
+        the proj Linear. Rows whose keys are all masked (by -inf in ``mask``) give zeros, never NaN.
+    """
+    check_tensor("qkv", qkv)
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be 4-D (B, H, W, 3·num_heads·head_dim), got shape {tuple(qkv.shape)}")
+    check_count("num_heads", num_heads, 1)
+    if qkv.shape[3] % (3 * num_heads) or qkv.shape[3] == 0:
+        raise ValueError(f"qkv's last dim must be a positive multiple of 3·num_heads = {3 * num_heads}, "
+                         f"got shape {tuple(qkv.shape)}")
+    wh, ww = window_pair("window_size", window_size, 1)
+    shift = window_pair("shift_size", shift_size, 0)
+    if order not in reference.WINDOW_ORDERS:
+        raise ValueError(f"order must be one of {reference.WINDOW_ORDERS}, got {order!r}")
+    named = [("rel_pos_bias_table", rel_pos_bias_table, ((2 * wh - 1) * (2 * ww - 1), num_heads))]
+    if qkv_bias is not None:
+        named.append(("qkv_bias", qkv_bias, (qkv.shape[3],)))
+    if mask is not None:
+        named.append(("mask", mask, None))
+    for name, t, shape in named:
+        check_tensor(name, t, like=("qkv", qkv), shape=shape)
+    if mask is not None:
+        if mask.dim() != 3 or mask.shape[0] < 1 or tuple(mask.shape[1:]) != (wh * ww, wh * ww):
+            raise ValueError(f"mask must have shape (M, N, N) with N = {wh * ww}, got {tuple(mask.shape)}")
+        if mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("mask must not require grad: it receives no gradient")
+    scale = (qkv.shape[3] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
+    if not abs(scale) < float("inf"):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    shift = reference.effective_shift(tuple(qkv.shape[1:3]), (wh, ww), shift, order)
+    if fallback("window_attention", qkv.device, DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None):
+        return reference.window_attention(qkv, (wh, ww), shift, rel_pos_bias_table, num_heads, qkv_bias, scale,
+                                          order, mask, dropout_p)
+    out, _ = _window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, mask, [wh, ww], list(shift), num_heads,
+                                   scale, order)
+    return out

@@ -1,0 +1,46 @@
+"""What the kernels cover and how they lay out their outputs, importable without Triton.
+
+The ops layer asks these questions before it picks a backend (``fusedtx.ops``), and the launchers obey
+the same limits; keeping them here, beside the kernels, means the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FAMILIES = ("attention", "layer_norm_gelu", "sinusoidal", "window_attention")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+ATTENTION_MAX_HEAD_DIM = 256
+WINDOW_MAX_TOKENS = 256  # window areas the kernels cover: Swin's 7x7 up to 16x16
+WINDOW_MAX_HEAD_DIM = 128
+# The 2D sin-cos kernel finds a patch's grid row with an fp32 reciprocal, exact for fewer cells than this.
+SINCOS_2D_MAX_CELLS = 1 << 22
+# Offsets inside one (batch, head) slice, or one image, are 32-bit in the kernels.
+MAX_SPAN = 2**31
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def span(t: torch.Tensor, dims: int) -> int:
+    """The largest element offset reached inside the last ``dims`` dimensions of ``t`` through its strides."""
+    return sum((n - 1) * s for n, s in zip(t.shape[-dims:], t.stride()[-dims:], strict=True))
+
+
+def window_fp32_backward_covers(tokens: int, head_dim: int) -> bool:
+    """Whether the float32 window backward kernel covers windows of ``tokens`` at ``head_dim``: its tiles
+    hold every query of a window, and in fp32 larger ones outgrow a GPU's shared memory."""
+    return tokens <= 64 or head_dim <= 32
+
+
+def empty_bnhd(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, N, D) tensor laid out (B, N, H, D) in memory: the layout the attention kernels write
+    (so merging heads afterwards, ``.transpose(1, 2).reshape(B, N, H * D)``, is free). Every backend returns
+    it, so the custom op's fake can promise it."""
+    b, h, n, d = shape
+    return torch.empty((b, n, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
