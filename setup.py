@@ -23,6 +23,7 @@ setup(
     install_requires=[
         "torch>=2.11,<2.15",
         "triton>=3.6,<3.10; platform_system == 'Linux'",
+        "tqdm>=4.60",  # fusedtx profile's progress bar
     ],
     extras_require={
         "test": [
@@ -32,7 +33,7 @@ setup(
             "ruff>=0.5",
             "timm>=1.0",
             "torchvision",
-            "transformers>=4.40",
+            "transformers>=4.51",  # AttentionInterface (fusedtx.swap of HF models)
             "matplotlib>=3.7",
         ],
     },

@@ -1,15 +1,20 @@
-"""The one place that decides, per call, whether an op runs its Triton kernel or the PyTorch reference.
+"""The one place that decides, per call, which backend an op runs on.
+
+* ``triton``: the Triton kernels (:mod:`fusedtx.kernels`), on CUDA tensors, or on CPU tensors in Triton's
+  interpreter (``TRITON_INTERPRET=1``, how the test suite runs them without a GPU);
+* ``torch``: the fast PyTorch path (:mod:`fusedtx.fastpath`: SDPA, ``F.layer_norm``, cached tables);
+* ``reference``: the plain spec (:mod:`fusedtx.reference`), for tests and debugging.
 
 Order of precedence:
 
 1. ``fusedtx.use_backend(name)`` (a context manager, innermost wins);
-2. the environment variable ``FUSEDTX_BACKEND`` (``auto`` | ``triton`` | ``reference``, default ``auto``).
+2. the environment variable ``FUSEDTX_BACKEND`` (``auto`` | ``triton`` | ``torch`` | ``reference``, default
+   ``auto``).
 
-``auto`` takes Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` (Triton's
-interpreter, used by the test suite on machines without a GPU); everything else takes the reference.
-``triton`` where Triton cannot run is an error, never a silent fallback. Cases a kernel does not cover
-(see :func:`select`) fall back to the reference with a one-time warning under ``auto`` and raise under
-``triton``.
+``auto`` takes Triton where it can run (CUDA tensors; CPU tensors under the interpreter) and the fast
+PyTorch path everywhere else. A case a kernel does not cover (see :func:`select`) takes the fast PyTorch
+path with a one-time warning under ``auto``, and raises under ``triton``: ``triton`` where Triton cannot
+run is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from fusedtx.kernels.support import interpreter_enabled
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtx_backend", default=None)
 _warned: set[tuple[str, str]] = set()
@@ -48,7 +53,8 @@ def requested() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed fusedtx calls on backend ``name`` (``"auto"``, ``"triton"`` or ``"reference"``)."""
+    """Run the enclosed fusedtx calls on backend ``name`` (``"auto"``, ``"triton"``, ``"torch"`` or
+    ``"reference"``)."""
     token = _override.set(_check_name(name, "backend"))
     try:
         yield
@@ -78,39 +84,40 @@ def triton_support(device: torch.device) -> tuple[bool, str]:
 def explain(device: torch.device, unsupported: str | None = None) -> tuple[str, str]:
     """The backend a call on ``device`` would take, and the reason, without raising or warning."""
     want = requested()
-    if want == "reference":
-        return "reference", "backend 'reference' requested"
+    if want in ("torch", "reference"):
+        return want, f"backend {want!r} requested"
     ok, why = triton_support(device)
     if not ok:
-        return "reference", why
+        return "torch", why
     if unsupported is not None:
-        return "reference", unsupported
+        return "torch", unsupported
     return "triton", why
 
 
 def select(op: str, device: torch.device, unsupported: str | None = None) -> str:
-    """Return ``"triton"`` or ``"reference"`` for one call of ``op`` on ``device``.
+    """Return ``"triton"``, ``"torch"`` or ``"reference"`` for one call of ``op`` on ``device``.
 
     ``unsupported`` is the op's reason why its kernel does not cover this call (``None`` when it
-    does). Under ``auto`` such a call warns once per (op, reason) and takes the reference; under
-    ``triton`` it raises ``RuntimeError``, as does a device Triton cannot run on.
+    does). Under ``auto`` such a call warns once per (op, reason) and takes the fast PyTorch path; under
+    ``triton`` it raises ``RuntimeError``, as does a device Triton cannot run on. A device Triton cannot
+    run on takes the fast PyTorch path under ``auto`` without a warning: that is what it is for.
     """
     want = requested()
-    if want == "reference":
-        return "reference"
+    if want in ("torch", "reference"):
+        return want
     ok, why = triton_support(device)
     if want == "triton" and not ok:
         raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but cannot run: {why}")
     if want == "triton" and unsupported is not None:
         raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but the kernel {unsupported}")
     if not ok:
-        return "reference"
+        return "torch"
     if unsupported is not None:
         if (op, unsupported) not in _warned:
             _warned.add((op, unsupported))
             warnings.warn(
-                f"fusedtx.{op}: the Triton kernel {unsupported}; using the PyTorch reference",
+                f"fusedtx.{op}: the Triton kernel {unsupported}; using the fast PyTorch path",
                 stacklevel=3,
             )
-        return "reference"
+        return "torch"
     return "triton"

@@ -58,14 +58,19 @@ def info() -> str:
     return "\n".join(lines)
 
 
+# Benches beside the families': ``cpu`` times every op and two models against the stock way on a CPU.
+EXTRA_BENCHES = ("cpu",)
+
+
 def bench(names: list[str], out: str | None, quick: bool) -> None:
-    """Run the bench modules of the named families (``all``: every family with a bench)."""
+    """Run the bench modules of the named families (``all``: every family), or the ``cpu`` bench."""
     from fusedtx.bench.harness import default_out_dir
 
     wanted = families() if names in ([], ["all"]) else names
-    unknown = set(wanted) - set(families())
+    unknown = set(wanted) - set(families()) - set(EXTRA_BENCHES)
     if unknown:
-        raise SystemExit(f"unknown families {sorted(unknown)}; choose from {families()} or 'all'")
+        raise SystemExit(f"unknown benches {sorted(unknown)}; choose from {families() + list(EXTRA_BENCHES)} "
+                         "or 'all'")
     out_dir = out or default_out_dir()
     for family in wanted:
         module = importlib.import_module(f"fusedtx.bench.bench_{family}")
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("info", help="versions, device, and which backend each op takes and why")
     sub.add_parser("profile", add_help=False, help="stock vs fused model at 4096 patches (fusedtx profile --help)")
     p_bench = sub.add_parser("bench", help="run the benchmarks against fusedtx's peers")
-    p_bench.add_argument("families", nargs="*", help=f"'all' (default) or some of: {', '.join(families())}")
+    names = ", ".join(families() + list(EXTRA_BENCHES))
+    p_bench.add_argument("families", nargs="*", help=f"'all' (default: the families) or some of: {names}")
     p_bench.add_argument("--out", default=None, help="output folder (default: $OUT or ./fusedtx-bench)")
     p_bench.add_argument("--quick", action="store_true", help="a few shapes per family")
     args = parser.parse_args(argv)

@@ -3,15 +3,18 @@
 Builds a model with random weights (default timm ``vit_base_patch16_224`` at 1024×1024, i.e. 4096
 patches), makes a swapped copy with :func:`fusedtx.swap`, checks that both give the same output, and
 reports latency (median; CUDA events on a GPU), images/s, peak memory, the largest output
-difference, time by op family from ``torch.profiler`` for both, and the speedup. Writes a markdown
-report and a chrome trace per model. On a machine without CUDA the same path runs on the CPU, where
-fusedtx takes its PyTorch reference, at a smaller default size.
+difference, time by op family from ``torch.profiler`` for both, and the speedup. The two models are
+timed interleaved, step by step. Writes a markdown report and a chrome trace per model. On a machine
+without CUDA the same 4096-patch case runs on the CPU (batch 1, 3 steps), where fusedtx takes its fast
+PyTorch path; peak memory there is the process's resident set high-water mark.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import statistics
 import sys
 import time
@@ -20,12 +23,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fusedtx import _backend
 from fusedtx.surgery import swap
 
 GPU_DEFAULTS = {"img_size": 1024, "batch": 8, "dtype": "bfloat16", "steps": 20}
-CPU_DEFAULTS = {"img_size": 384, "batch": 1, "dtype": "float32", "steps": 3}
+CPU_DEFAULTS = {"img_size": 1024, "batch": 1, "dtype": "float32", "steps": 3}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Op families, matched in order against lower-cased profiler event names (aten ops and kernel names).
 FAMILIES = [
@@ -87,18 +91,66 @@ def _time_once(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+class PeakMemory:
+    """Peak memory of the steps run between :meth:`reset` and :meth:`read`, in MiB: allocated CUDA memory
+    on a GPU; on a CPU the process's resident set high-water mark (Linux's VmHWM, reset through
+    /proc/self/clear_refs), which includes every model in memory, as the CUDA figure does."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @staticmethod
+    def cpu_supported() -> bool:
+        return sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.cpu_supported():
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if not self.cpu_supported():
+            return float("nan")
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool):
+    """Hide what the profiler's native library prints to the stderr file descriptor (on a machine without
+    CUDA, its "gpuGetDeviceCount failed" and start/stop lines); Python's own stderr is untouched."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _profile(fn, device: torch.device, trace: Path) -> dict[str, float]:
     """Self time per op family (device time on CUDA, CPU time otherwise) of one call, in ms."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with _quiet_native_stderr(not torch.cuda.is_available()):
+        with profile(activities=activities) as prof:
+            fn()
+            if on_device:
+                torch.cuda.synchronize(device)
     prof.export_chrome_trace(str(trace))
     totals: dict[str, float] = {}
-    on_device = device.type == "cuda"
     for event in prof.key_averages():
         # On CUDA only the kernels' own events count: a host op's device time is that of its kernels,
         # which are events of their own, so counting both would count them twice.
@@ -111,26 +163,30 @@ def _profile(fn, device: torch.device, trace: Path) -> dict[str, float]:
     return totals
 
 
-def measure(label: str, model: nn.Module, images: torch.Tensor, kwargs: dict, steps: int, out_dir: Path,
-            progress) -> tuple[Run, torch.Tensor]:
+def measure(models: dict[str, nn.Module], images: torch.Tensor, kwargs: dict, steps: int,
+            out_dir: Path) -> tuple[dict[str, Run], dict[str, torch.Tensor]]:
+    """Time the models interleaved (one step of each in turn, so a drift of the machine hits all alike),
+    then measure each one's peak memory and profile one step of each. Returns the runs and the outputs."""
     device = images.device
-    run = Run(label)
-
-    def step():
-        return model(images, **kwargs)
-
+    runs = {label: Run(label) for label in models}
+    outputs: dict[str, torch.Tensor] = {}
+    steps_of = {label: (lambda m=model: m(images, **kwargs)) for label, model in models.items()}
+    peak = PeakMemory(device)
     with torch.inference_mode():
-        output = _output_tensor(step())  # warm-up (compiles, autotunes)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(steps):
-            run.times_ms.append(_time_once(step, device))
-            progress(label)
-        if device.type == "cuda":
-            run.peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-        run.by_family_ms = _profile(step, device, out_dir / f"trace_{label}.json")
-    return run, output
+        for label, step in steps_of.items():
+            outputs[label] = _output_tensor(step())  # warm-up (compiles, autotunes)
+        with tqdm(total=steps * len(models), desc="fusedtx profile", unit="step", file=sys.stderr) as bar:
+            for _ in range(steps):
+                for label, step in steps_of.items():
+                    runs[label].times_ms.append(_time_once(step, device))
+                    bar.set_postfix_str(label)
+                    bar.update()
+        for label, step in steps_of.items():
+            peak.reset()
+            step()
+            runs[label].peak_mb = peak.read()
+            runs[label].by_family_ms = _profile(step, device, out_dir / f"trace_{label}.json")
+    return runs, outputs
 
 
 def report(args, device: torch.device, backend: str, stock: Run, fused: Run, max_diff: float,
@@ -146,7 +202,7 @@ def report(args, device: torch.device, backend: str, stock: Run, fused: Run, max
         f"backend: {backend}; torch.compile: {'on' if args.compile else 'off'}; "
         f"median of {args.steps} steps.",
         "",
-        "| model | median ms | images/s | peak MiB |",
+        f"| model | median ms | images/s | {'peak MiB' if device.type == 'cuda' else 'peak RSS MiB'} |",
         "|---|---:|---:|---:|",
     ]
     for run in (stock, fused):
@@ -193,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not cuda:
-        print(f"No CUDA device: profiling on the CPU, where fusedtx runs its PyTorch reference "
-              f"(defaults: {args.img_size}px, batch {args.batch}, {args.steps} steps).", file=sys.stderr)
+        print(f"No CUDA device: profiling on the CPU, where fusedtx runs its fast PyTorch path "
+              f"({args.img_size}px, batch {args.batch}, {args.steps} steps).", file=sys.stderr)
 
     torch.manual_seed(0)
     stock_model, kwargs = build_model(args.model, args.img_size)
@@ -205,19 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         stock_model, fused_model = torch.compile(stock_model), torch.compile(fused_model)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
 
-    total = 2 * args.steps
-    done = [0]
-
-    def progress(label: str) -> None:
-        done[0] += 1
-        bar = "#" * (30 * done[0] // total)
-        print(f"\r[{bar:<30}] {done[0]}/{total} steps ({label})", end="", file=sys.stderr, flush=True)
-
     with _backend.use_backend(args.backend or _backend.requested()):
-        stock, ref_out = measure("stock", stock_model, images, kwargs, args.steps, out_dir, progress)
-        fused, out = measure("fusedtx", fused_model, images, kwargs, args.steps, out_dir, progress)
+        runs, outputs = measure({"stock": stock_model, "fusedtx": fused_model}, images, kwargs, args.steps, out_dir)
         backend = _backend.explain(device)[0]  # the one the runs took, asked while it is in force
-    print(file=sys.stderr)
+    stock, fused = runs["stock"], runs["fusedtx"]
+    ref_out, out = outputs["stock"], outputs["fusedtx"]
 
     max_diff = (out.float() - ref_out.float()).abs().max().item()
     scale = ref_out.float().abs().max().item()

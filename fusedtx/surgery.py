@@ -61,7 +61,7 @@ def _hf_attention(module: nn.Module) -> nn.Module:
                          "function through transformers' attention interface")
     if not selects:
         raise ValueError("this transformers version computes attention inside the module (no attention "
-                         "interface); transformers >= 4.48 is needed")
+                         "interface); transformers >= 4.51 is needed for ViT, >= 5.9 for Swin")
     _register_hf_attention()
     fused = copy.copy(module)
     for registry in ("_modules", "_parameters", "_buffers"):  # its own registries, holding the same entries
@@ -155,7 +155,7 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
     Known: ``torch.nn.LayerNorm`` (and timm's LayerNorm), and a LayerNorm directly followed by
     ``nn.GELU`` / ``nn.ReLU`` in an ``nn.Sequential`` (fused into one ``LayerNormGELU``);
     ``torch.nn.MultiheadAttention`` (torchvision's ViT too), timm's ``Attention``, and Hugging Face's
-    ViT and Swin attention modules (transformers >= 4.48, through its attention interface);
+    ViT and Swin attention modules (transformers >= 4.51, Swin >= 5.9: through its attention interface);
     torchvision's ``ShiftedWindowAttention``, timm's ``WindowAttention``, and timm's
     ``SwinTransformerBlock`` whose attention path (``_attn``: shift to reverse) is replaced on the
     instance by one fused kernel. The submodules of a replaced module are visited too (timm

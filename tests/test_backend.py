@@ -22,14 +22,18 @@ def test_auto_takes_triton_on_cpu_only_with_the_interpreter(monkeypatch):
     assert _backend.select("op", CPU) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not _backend.interpreter_enabled()
-    assert _backend.select("op", CPU) == "reference"
-    assert _backend.select("op", torch.device("meta")) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # where Triton cannot run, the fast path is the plan: no warning
+        assert _backend.select("op", CPU) == "torch"
+        assert _backend.select("op", torch.device("meta")) == "torch"
 
 
 def test_environment_variable(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FUSEDTX_BACKEND", "reference")
     assert _backend.select("op", CPU) == "reference"
+    monkeypatch.setenv("FUSEDTX_BACKEND", "torch")
+    assert _backend.select("op", CPU, "is unsupported") == "torch"
     monkeypatch.setenv("FUSEDTX_BACKEND", "Triton")
     assert _backend.select("op", CPU) == "triton"
     monkeypatch.setenv("FUSEDTX_BACKEND", "cuda")
@@ -66,8 +70,9 @@ def test_unsupported_case_warns_once_under_auto_and_raises_under_triton(monkeypa
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert _backend.select("op", CPU, "has no config for head dim 512") == "reference"
+            assert _backend.select("op", CPU, "has no config for head dim 512") == "torch"
     assert len(caught) == 1 and "head dim 512" in str(caught[0].message)
+    assert "fast PyTorch path" in str(caught[0].message)
     with fusedtx.use_backend("triton"), pytest.raises(RuntimeError, match="head dim 512"):
         _backend.select("op", CPU, "has no config for head dim 512")
 
@@ -76,5 +81,5 @@ def test_explain_does_not_warn(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend.explain(CPU, "is unsupported") == ("reference", "is unsupported")
+        assert _backend.explain(CPU, "is unsupported") == ("torch", "is unsupported")
         assert _backend.explain(CPU)[0] == "triton"

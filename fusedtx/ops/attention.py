@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedtx import _backend, reference
+from fusedtx import _backend
 from fusedtx.kernels.support import ATTENTION_MAX_HEAD_DIM, KERNEL_DTYPES, empty_bnhd, span
 from fusedtx.ops.common import (
     DROPOUT,
@@ -14,6 +14,7 @@ from fusedtx.ops.common import (
     check_tensor,
     fallback,
     first_reason,
+    implementation,
     kernels,
     or_empty,
     unsupported_dtype,
@@ -43,7 +44,9 @@ def _attention_fwd(
     backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v), bias))
     if backend == "triton":
         return kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale)
-    out, lse = reference.attention(q, k, v, bias, key_padding_mask, causal, scale, return_lse=True)
+    out, lse = implementation(backend).attention(q, k, v, bias, key_padding_mask, causal, scale, return_lse=True)
+    if out.transpose(1, 2).is_contiguous():  # already laid out (B, Nq, H, D), as SDPA lays out head-split views
+        return out, lse.float().contiguous()
     return empty_bnhd(out.shape, q).copy_(out), lse.float().contiguous()
 
 
@@ -64,8 +67,10 @@ def _attention_bwd(
             do, q, k, v, out, lse, bias, key_padding_mask, causal, scale, bias_grad
         )
     else:
+        impl = implementation(backend)
+
         def forward(q, k, v, b):
-            return reference.attention(q, k, v, b, key_padding_mask, causal, scale)
+            return impl.attention(q, k, v, b, key_padding_mask, causal, scale)
 
         *dqkv, db = vjp(forward, (q, k, v, bias), (True, True, True, bias_grad), do)
         dq, dk, dv = (empty_bnhd(t.shape, t).copy_(g) for t, g in zip((q, k, v), dqkv, strict=True))
@@ -116,8 +121,9 @@ def attention(
         q: (B, H, Nq, D) queries; k, v: (B, H, Nk, D) keys and values (Nk may differ from Nq), as
             ``F.scaled_dot_product_attention`` takes them. Any strides (the head-split views of a qkv
             projection are read in place). float16 / bfloat16 / float32, all three the same dtype;
-            float64 and head dims above 256 run the reference. On CUDA, float32 inputs use tf32 dot
-            products (about 3e-4 relative error), as cuBLAS does with tf32 allowed.
+            float64 and head dims above 256 take the fast PyTorch path. On CUDA, float32 dot products follow
+            ``torch.backends.cuda.matmul.allow_tf32`` as stock PyTorch does: tf32 (about 3e-4 relative
+            error) when it is on, full float32 ("ieee") when it is off, PyTorch's default.
         bias: optional additive bias broadcastable to (B, H, Nq, Nk) (e.g. a (1, H, N, N) relative
             position bias or an (Nq, Nk) mask of 0 / -inf), any float dtype, read through its strides
             without materializing the broadcast. Its gradient (when it requires grad) is reduced over
@@ -171,7 +177,8 @@ def attention(
         low = torch.get_autocast_dtype("cuda")
         q, k, v = (t.to(low) for t in (q, k, v))
         bias = bias.to(low) if bias is not None else None
-    if fallback("attention", q.device, DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None):
-        return reference.attention(q, k, v, bias, key_padding_mask, bool(causal), scale, dropout_p=dropout_p)
+    impl = fallback("attention", q.device, DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None)
+    if impl is not None:
+        return impl.attention(q, k, v, bias, key_padding_mask, bool(causal), scale, dropout_p=dropout_p)
     out, _ = _attention_fwd(q, k, v, bias, key_padding_mask, bool(causal), scale)
     return out

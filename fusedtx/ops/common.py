@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from fusedtx import _backend
+from fusedtx import _backend, fastpath, reference
 from fusedtx.kernels.support import KERNEL_DTYPES, MAX_SPAN
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -81,13 +82,20 @@ def check_probability(name: str, p) -> float:
 DROPOUT = "does not apply dropout to the attention probabilities (dropout_p > 0)"
 
 
-def fallback(op: str, device: torch.device, reason: str | None) -> bool:
-    """True when the kernels cannot serve a call of ``op`` for ``reason``: the caller computes it another
-    way. Under ``auto`` it warns once per (op, reason); under ``triton`` it raises. None means they can."""
+def implementation(backend: str) -> ModuleType:
+    """The PyTorch module computing a call that the kernels do not: the fast path for ``"torch"``, the spec
+    for ``"reference"``."""
+    return fastpath if backend == "torch" else reference
+
+
+def fallback(op: str, device: torch.device, reason: str | None) -> ModuleType | None:
+    """None when the kernels can serve a call of ``op`` (``reason`` is None). Otherwise the module that
+    computes it instead (:func:`implementation` of the backend in force), after warning once per
+    (op, reason) under ``auto``; under ``triton`` it raises."""
     if reason is None:
-        return False
-    _backend.select(op, device, reason)
-    return True
+        return None
+    backend = _backend.select(op, device, reason)
+    return implementation("torch" if backend == "triton" else backend)
 
 
 def or_empty(t: Tensor | None, like: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedtx import _backend, reference
-from fusedtx.ops.common import check_tensor, kernels, or_empty, unsupported_dtype, vjp
+from fusedtx.ops.common import check_tensor, implementation, kernels, or_empty, unsupported_dtype, vjp
 
 
 @torch.library.custom_op("fusedtx::layer_norm_gelu_fwd", mutates_args=())
@@ -24,7 +24,8 @@ def _layer_norm_gelu_fwd(
         )
         s = s.view(x.shape) if s is not None else x.new_empty(0)
         return y.view(x.shape), s, mean.view(stats_shape), rstd.view(stats_shape)
-    *ys, mean, rstd = reference.layer_norm_gelu(x, weight, bias, eps, activation, residual, return_stats=True)
+    impl = implementation(backend)
+    *ys, mean, rstd = impl.layer_norm_gelu(x, weight, bias, eps, activation, residual, return_stats=True)
     y, s = ys if residual is not None else (ys[0], x.new_empty(0))
     # Every backend returns contiguous outputs (the kernels write rows), as the fake promises.
     return y.contiguous(), s.contiguous(), mean.float().contiguous(), rstd.float().contiguous()
@@ -55,7 +56,8 @@ def _layer_norm_gelu_bwd(
         )
         dx = dx.view(normed.shape)
     else:
-        dx, dw, db = vjp(lambda x, w, b: reference.layer_norm_gelu(x, w, b, eps, activation),
+        impl = implementation(backend)
+        dx, dw, db = vjp(lambda x, w, b: impl.layer_norm_gelu(x, w, b, eps, activation),
                          (normed, weight, bias), (True, weight is not None, bias is not None), dy)
         if ds is not None:
             dx = dx + ds
@@ -107,7 +109,7 @@ def layer_norm_gelu(
     """``act(LayerNorm(x [+ residual]))`` over the last dimension, in one pass.
 
     Args:
-        x: (..., N), float16 / bfloat16 / float32 (float64 runs the reference), any strides.
+        x: (..., N), float16 / bfloat16 / float32 (float64 takes the fast PyTorch path), any strides.
         weight, bias: (N,) or None (no affine), any float dtype; on x's device.
         eps: added to the biased variance.
         activation: ``"gelu"`` (exact, x·Φ(x)), ``"gelu_tanh"``, ``"relu"`` or ``"none"``.

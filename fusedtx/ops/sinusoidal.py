@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedtx import _backend, reference
+from fusedtx import _backend, fastpath, reference
 from fusedtx.kernels.support import SINCOS_2D_MAX_CELLS
 from fusedtx.ops.common import check_count, check_dtype, check_tensor, kernels, unsupported_dtype
 
@@ -59,8 +59,11 @@ def _sinusoidal_encoding(
     length: int, dim: int, positions: Tensor | None, offset: int, base: float, layout: str,
     dtype: torch.dtype, device: torch.device,
 ) -> Tensor:
-    if _backend.select("sinusoidal", device, unsupported_dtype(dtype)) == "triton":
+    backend = _backend.select("sinusoidal", device, unsupported_dtype(dtype))
+    if backend == "triton":
         return kernels("sinusoidal").sinusoidal_1d(None, positions, length, dim, offset, base, layout, dtype, device)
+    if backend == "torch":
+        return fastpath.sinusoidal_encoding(length, dim, positions, offset, base, layout, dtype, device)
     # The reference in float64, rounded once: exact at any position (a float32 one is not; see the tests).
     pe = reference.sinusoidal_encoding(length, dim, positions, offset, base, layout, torch.float64, device)
     return pe.to(dtype)
@@ -77,9 +80,12 @@ def _sincos_2d(
     grid_h: int, grid_w: int, dim: int, num_prefix_tokens: int, base: float, layout: str,
     dtype: torch.dtype, device: torch.device,
 ) -> Tensor:
-    if _backend.select("sinusoidal", device, _sincos_2d_unsupported(dtype, grid_h * grid_w)) == "triton":
+    backend = _backend.select("sinusoidal", device, _sincos_2d_unsupported(dtype, grid_h * grid_w))
+    if backend == "triton":
         return kernels("sinusoidal").sincos_2d(None, grid_h, grid_w, dim, num_prefix_tokens, base, layout,
                                                 dtype, device)
+    if backend == "torch":
+        return fastpath.sincos_2d(grid_h, grid_w, dim, base, num_prefix_tokens, layout, dtype, device)
     pe = reference.sincos_2d(grid_h, grid_w, dim, base, num_prefix_tokens, layout, torch.float64, device)
     return pe.to(dtype)
 
@@ -92,10 +98,13 @@ def _(grid_h, grid_w, dim, num_prefix_tokens, base, layout, dtype, device):
 @torch.library.custom_op("fusedtx::add_sinusoidal", mutates_args=())
 def _add_sinusoidal(x: Tensor, positions: Tensor | None, offset: int, base: float, layout: str) -> Tensor:
     """x + PE as a new contiguous tensor of x's shape and dtype."""
-    if _backend.select("sinusoidal", x.device, unsupported_dtype(x.dtype)) == "triton":
+    backend = _backend.select("sinusoidal", x.device, unsupported_dtype(x.dtype))
+    if backend == "triton":
         _, seq, dim = x.shape
         return kernels("sinusoidal").sinusoidal_1d(x, positions, seq, dim, offset, base, layout, x.dtype,
                                                     x.device)
+    if backend == "torch":
+        return fastpath.add_sinusoidal(x, positions, offset, base, layout)
     out = reference.add_sinusoidal(x.to(torch.float64), positions, offset, base, layout)
     return out.to(x.dtype, memory_format=torch.contiguous_format)
 
@@ -108,9 +117,12 @@ def _(x, positions, offset, base, layout):
 @torch.library.custom_op("fusedtx::add_sincos_2d", mutates_args=())
 def _add_sincos_2d(x: Tensor, grid_h: int, grid_w: int, num_prefix_tokens: int, base: float, layout: str) -> Tensor:
     """x + the 2D encoding as a new contiguous tensor of x's shape and dtype."""
-    if _backend.select("sinusoidal", x.device, _sincos_2d_unsupported(x.dtype, grid_h * grid_w)) == "triton":
+    backend = _backend.select("sinusoidal", x.device, _sincos_2d_unsupported(x.dtype, grid_h * grid_w))
+    if backend == "triton":
         return kernels("sinusoidal").sincos_2d(x, grid_h, grid_w, x.shape[2], num_prefix_tokens, base, layout,
                                                 x.dtype, x.device)
+    if backend == "torch":
+        return fastpath.add_sincos_2d(x, grid_h, grid_w, num_prefix_tokens, base, layout)
     out = reference.add_sincos_2d(x.to(torch.float64), grid_h, grid_w, num_prefix_tokens, base, layout)
     return out.to(x.dtype, memory_format=torch.contiguous_format)
 
@@ -166,7 +178,7 @@ def sinusoidal_encoding(
         base: the wavelength base (10000 in the original Transformer).
         layout: ``"interleaved"`` (sin, cos, sin, cos, ...: the formula as written) or ``"concat"``
             ([all sines | all cosines], as fairseq and many ViTs lay it out).
-        dtype: float16, bfloat16, float32 (float64 runs the reference).
+        dtype: float16, bfloat16, float32 (float64 takes the fast PyTorch path).
         device: default ``positions``' device, else torch's default device.
 
     Returns:
@@ -209,7 +221,7 @@ def sincos_2d(
       with ``interleave_sin_cos=True``;
     * ``"timm"``: [sin y | sin x | cos y | cos x]: timm's ``build_sincos2d_pos_embed`` default.
 
-    dtype: float16, bfloat16, float32 (float64 runs the reference); device: default torch's default.
+    dtype: float16, bfloat16, float32 (float64 takes the fast PyTorch path); device: default torch's default.
     """
     check_count("grid_h", grid_h, 1)
     check_count("grid_w", grid_w, 1)
@@ -232,7 +244,7 @@ def add_sinusoidal(
     ``offset + arange(seq)`` (or ``positions + offset``) added to x.
 
     Args:
-        x: (batch, seq, dim), float16 / bfloat16 / float32 (float64 runs the reference), any strides;
+        x: (batch, seq, dim), float16 / bfloat16 / float32 (float64 takes the fast PyTorch path), any strides;
             dim even.
         offset: added to every position (incremental decoding: the number of cached tokens).
         positions: optional integer position ids, (seq,) or (batch, seq), on x's device.
@@ -264,7 +276,7 @@ def add_sincos_2d(
 
     Args:
         x: (batch, num_prefix_tokens + grid_h * grid_w, dim), float16 / bfloat16 / float32 (float64 runs
-            the reference), any strides; dim divisible by 4. The prefix (class) tokens pass unchanged.
+            the fast PyTorch path), any strides; dim divisible by 4. The prefix (class) tokens pass unchanged.
         grid_h, grid_w: the patch grid; patches in row-major order.
         base, layout: as in :func:`sincos_2d`.
 

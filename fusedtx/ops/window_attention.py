@@ -14,6 +14,7 @@ from fusedtx.ops.common import (
     check_tensor,
     fallback,
     first_reason,
+    implementation,
     kernels,
     or_empty,
     unsupported_dtype,
@@ -48,13 +49,13 @@ def _window_attention_fwd(
     shift_size: list[int], num_heads: int, scale: float, order: str,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, W, C) contiguous, fp32 lse (B·windows, heads, N)); shift_size is the effective shift."""
-    reason = _window_unsupported(qkv, num_heads, window_size)
-    if _backend.select("window_attention", qkv.device, reason) == "triton":
+    backend = _backend.select("window_attention", qkv.device, _window_unsupported(qkv, num_heads, window_size))
+    if backend == "triton":
         return kernels("window_attention").window_attention_fwd(
             qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order
         )
-    out, lse = reference.window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias, scale,
-                                          order, mask, return_lse=True)
+    out, lse = implementation(backend).window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias,
+                                                        scale, order, mask, return_lse=True)
     return out.contiguous(), lse.float().contiguous()
 
 
@@ -74,14 +75,17 @@ def _window_attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dqkv contiguous, d(table) or an empty tensor, d(qkv_bias) or an empty tensor)."""
     reason = _window_unsupported(qkv, num_heads, window_size, dout, out)
-    if _backend.select("window_attention", qkv.device, reason) == "triton":
+    backend = _backend.select("window_attention", qkv.device, reason)
+    if backend == "triton":
         dqkv, dtable, dbias = kernels("window_attention").window_attention_bwd(
             dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
             table_grad, bias_grad,
         )
     else:
+        impl = implementation(backend)
+
         def forward(qkv, table, b):
-            return reference.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
+            return impl.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
 
         grads = vjp(forward, (qkv, table, qkv_bias), (True, table_grad, bias_grad), dout)
         dqkv, dtable, dbias = (g.contiguous() if g is not None else None for g in grads)
@@ -150,8 +154,9 @@ def window_attention(
         qkv: (B, H, W, 3·C) output of the qkv Linear on the (B, H, W, dim) map, channels laid out
             (3, num_heads, head_dim), C = num_heads·head_dim; any strides. float16 / bfloat16 / float32
             (float64, head dims above 128, windows above 256 tokens, and the float32 backward of windows
-            above 64 tokens with head dims above 32 run the reference). On CUDA, float32 uses tf32 dot
-            products (about 3e-4 relative error).
+            above 64 tokens with head dims above 32 take the fast PyTorch path). On CUDA, float32 dot products
+            follow ``torch.backends.cuda.matmul.allow_tf32``: tf32 (about 3e-4 relative error) when on,
+            full float32 when off.
         window_size: (wh, ww) or an int; H and W need not be multiples of it.
         shift_size: (sh, sw) or an int, >= 0: the cyclic shift (0 for plain window attention).
         rel_pos_bias_table: ((2wh-1)·(2ww-1), num_heads) relative position bias table, any float dtype;
@@ -203,8 +208,10 @@ def window_attention(
     if not abs(scale) < float("inf"):
         raise ValueError(f"scale must be a finite number, got {scale}")
     shift = reference.effective_shift(tuple(qkv.shape[1:3]), (wh, ww), shift, order)
-    if fallback("window_attention", qkv.device, DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None):
-        return reference.window_attention(qkv, (wh, ww), shift, rel_pos_bias_table, num_heads, qkv_bias, scale,
+    impl = fallback("window_attention", qkv.device,
+                    DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None)
+    if impl is not None:
+        return impl.window_attention(qkv, (wh, ww), shift, rel_pos_bias_table, num_heads, qkv_bias, scale,
                                           order, mask, dropout_p)
     out, _ = _window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, mask, [wh, ww], list(shift), num_heads,
                                    scale, order)

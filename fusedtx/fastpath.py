@@ -1,0 +1,248 @@
+"""The fast PyTorch path: every fusedtx op in stock PyTorch kernels, for where Triton cannot run.
+
+``fusedtx._backend`` calls it the ``torch`` backend. ``auto`` takes it for CPU tensors (without Triton's
+interpreter) and, on CUDA, for the calls a kernel does not cover. It computes what :mod:`fusedtx.reference`
+specifies, with the same signatures, but the way a performance engineer would write it in PyTorch:
+
+* attention is ``F.scaled_dot_product_attention``'s own flash kernel (O(N) memory on the CPU), the bias
+  as ``attn_mask`` with the key padding mask and causality folded in;
+* LayerNorm is ``F.layer_norm`` (one pass), then the activation;
+* sinusoidal tables are the reference's float64 formulas (accurate angle reduction, vectorized), cached in
+  a bounded cache, since they are pure functions of their arguments;
+* window attention gathers the windows straight from the qkv map with one cached index (no roll, pad or
+  partition copies), runs SDPA over all windows with the gathered bias and the cached shift mask, and
+  scatters the outputs back to the map with another cached index.
+
+Autograd runs through these functions (the ops' backward takes their vector-Jacobian product).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from fusedtx import reference
+
+# --------------------------------------------------------------------------------------------------
+# layer_norm_gelu
+# --------------------------------------------------------------------------------------------------
+
+
+def _activate(z: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "relu":
+        return F.relu(z)
+    return z
+
+
+def layer_norm_gelu(x, weight=None, bias=None, eps=1e-5, activation="gelu", residual=None, return_stats=False):
+    """:func:`fusedtx.reference.layer_norm_gelu` with ``torch.native_layer_norm`` (which also gives the
+    statistics, in one pass) and PyTorch's activations. Half-precision inputs are normalized in float32
+    inside the kernel, as the reference does."""
+    s = x if residual is None else x + residual
+    n = x.shape[-1]
+    if return_stats:
+        z, mean, rstd = torch.native_layer_norm(s, (n,), weight, bias, eps)
+        stats = (mean.squeeze(-1), rstd.squeeze(-1))
+    else:
+        z, stats = F.layer_norm(s, (n,), weight, bias, eps), ()
+    y = _activate(z, activation)
+    out = (y,) if residual is None else (y, s)
+    out += stats
+    return out if len(out) > 1 else y
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------------
+
+
+def _attn_mask(bias, key_padding_mask, causal: bool, nq: int, nk: int, dtype: torch.dtype):
+    """SDPA's ``attn_mask`` (None, or additive and broadcastable to (B, H, Nq, Nk)) and ``is_causal``.
+
+    SDPA takes causality only without a mask, so with one it is folded in as -inf above the diagonal;
+    the key padding mask becomes -inf on the padded keys. Each is only as large as its own dims."""
+    parts = []
+    if bias is not None:
+        parts.append(bias.to(dtype))
+    if key_padding_mask is not None:
+        kpm = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+        parts.append(kpm.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :])
+    if causal and parts:
+        above = torch.ones(nq, nk, dtype=torch.bool, device=parts[0].device).triu_(1)
+        parts.append(torch.zeros(nq, nk, dtype=dtype, device=above.device).masked_fill_(above, float("-inf")))
+    if not parts:
+        return None, causal
+    mask = parts[0]
+    for p in parts[1:]:
+        mask = mask + p
+    return mask, False
+
+
+def attention(q, k, v, bias=None, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0,
+              return_lse=False):
+    """:func:`fusedtx.reference.attention` by ``F.scaled_dot_product_attention``.
+
+    With ``return_lse`` (the log-sum-exp the Triton backward reads) CPU tensors take the CPU flash
+    kernel itself, which returns it; elsewhere (CUDA calls the kernels do not cover, such as float64 or
+    head dims above 256) the reference computes it. Fully masked rows give zeros: SDPA's flash and math
+    paths do so on the supported torch versions (its math path uses a safe softmax since torch 2.5), and
+    the tests check it on every backend."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask, is_causal = _attn_mask(bias, key_padding_mask, causal, q.shape[2], k.shape[2], q.dtype)
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale)
+    if q.device.type == "cpu" and dropout_p == 0:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
+                                                                          scale=scale)
+    return reference.attention(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, return_lse=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# sinusoidal
+# --------------------------------------------------------------------------------------------------
+
+# Pure functions of their arguments, so cached; bounded (a decoder's growing offset must not grow it).
+_TABLES = 32
+
+
+@functools.lru_cache(maxsize=_TABLES)
+def _sinusoidal_table(length, dim, offset, base, layout, dtype, device) -> torch.Tensor:
+    pe = reference.sinusoidal_encoding(length, dim, None, offset, base, layout, torch.float64, device)
+    return pe.to(dtype)
+
+
+@functools.lru_cache(maxsize=_TABLES)
+def _sincos_2d_table(grid_h, grid_w, dim, base, num_prefix_tokens, layout, dtype, device) -> torch.Tensor:
+    pe = reference.sincos_2d(grid_h, grid_w, dim, base, num_prefix_tokens, layout, torch.float64, device)
+    return pe.to(dtype)
+
+
+def sinusoidal_encoding(length, dim, positions=None, offset=0, base=10000.0, layout="interleaved",
+                        dtype=torch.float32, device=None):
+    """The reference's encoding, evaluated in float64 (exact angle reduction) and rounded once to ``dtype``;
+    the table of ``offset + arange(length)`` comes from a bounded cache (a fresh copy each call)."""
+    if positions is None:
+        return _sinusoidal_table(length, dim, offset, base, layout, dtype, torch.device(device)).clone()
+    pe = reference.sinusoidal_encoding(length, dim, positions, offset, base, layout, torch.float64, device)
+    return pe.to(dtype)
+
+
+def sincos_2d(grid_h, grid_w, dim, base=10000.0, num_prefix_tokens=0, layout="mae", dtype=torch.float32,
+              device=None):
+    """The reference's 2D encoding, from the bounded cache (a fresh copy each call)."""
+    return _sincos_2d_table(grid_h, grid_w, dim, base, num_prefix_tokens, layout, dtype, torch.device(device)).clone()
+
+
+def _add(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """``x + pe`` formed in the compute dtype (``pe``'s) and rounded once to x's dtype, contiguous."""
+    out = x + pe if x.dtype == pe.dtype else (x.to(pe.dtype) + pe).to(x.dtype)
+    return out.contiguous()
+
+
+def add_sinusoidal(x, positions=None, offset=0, base=10000.0, layout="interleaved"):
+    """``x + PE`` with the cached table (or the encoding of ``positions``) in the compute dtype."""
+    _, seq, dim = x.shape
+    ct = reference.compute_dtype(x.dtype)
+    if positions is None:
+        return _add(x, _sinusoidal_table(seq, dim, offset, base, layout, ct, x.device))
+    return _add(x, sinusoidal_encoding(seq, dim, positions, offset, base, layout, ct, x.device))
+
+
+def add_sincos_2d(x, grid_h, grid_w, num_prefix_tokens=0, base=10000.0, layout="mae"):
+    """``x + sincos_2d(...)`` with the cached table in the compute dtype."""
+    ct = reference.compute_dtype(x.dtype)
+    return _add(x, _sincos_2d_table(grid_h, grid_w, x.shape[-1], base, num_prefix_tokens, layout, ct, x.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# window_attention
+# --------------------------------------------------------------------------------------------------
+
+
+def _grid_source(size: int, padded: int, shift: int, order: str, device) -> torch.Tensor:
+    """For each row (or column) p of the shifted, padded grid, the map row it holds, or -1 for padding.
+
+    timm rolls the map by -shift, then pads: p < size holds (p + shift) mod size. torchvision pads, then
+    rolls the padded map: p holds r = (p + shift) mod padded when r < size."""
+    p = torch.arange(padded, device=device)
+    if order == "timm":
+        return torch.where(p < size, (p + shift) % size, -1)
+    r = (p + shift) % padded
+    return torch.where(r < size, r, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def window_geometry(h: int, w: int, window_size: tuple[int, int], shift_size: tuple[int, int], order: str,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                   torch.Tensor]:
+    """Built once per (map size, window, shift, order, device), then cached (bounded):
+
+    * ``gather`` (windows·N,): for the N tokens of each window of the shifted, padded grid (windows and
+      their tokens in row-major order), the flat map position it reads (0 for padding);
+    * ``padding`` (P,): the positions in that order that are padding (they hold the qkv bias);
+    * ``scatter`` (H·W, 2): for each map position, (window, token) where its output is, which undoes the
+      partition, the shift and the padding in one gather;
+    * ``shift`` (windows, 1, N, N) float32: the shift mask (0 within a region, -100 across), or None;
+    * ``rel_index`` (N·N,): the bias table row of each (query, key) pair.
+    """
+    (wh, ww), (sh, sw) = window_size, shift_size
+    hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
+    rows = _grid_source(h, hp, sh, order, device)
+    cols = _grid_source(w, wp, sw, order, device)
+    # Grid position of token t of window g: row (g // n_wx)·wh + t // ww, column (g % n_wx)·ww + t % ww.
+    grid_rows = rows.view(hp // wh, 1, wh, 1).expand(-1, wp // ww, -1, ww)
+    grid_cols = cols.view(1, wp // ww, 1, ww).expand(hp // wh, -1, wh, -1)
+    pad = ((grid_rows < 0) | (grid_cols < 0)).reshape(-1)
+    source = (grid_rows * w + grid_cols).reshape(-1)
+    gather = torch.where(pad, 0, source)
+    order_pos = torch.arange(source.numel(), device=device)
+    position = torch.empty(h * w, dtype=torch.long, device=device)
+    position[source[~pad]] = order_pos[~pad]
+    n = wh * ww
+    scatter = torch.stack([position // n, position % n], dim=1)
+    shift = None
+    if sh or sw:
+        shift = reference.shift_mask((hp, wp), window_size, (sh, sw), torch.float32, device)[:, None]
+    rel_index = reference.relative_position_index(window_size, device).reshape(-1)
+    return gather, pad.nonzero().squeeze(1), scatter, shift, rel_index
+
+
+def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads, qkv_bias=None, scale=None,
+                     order="timm", mask=None, dropout_p=0.0, return_lse=False):
+    """:func:`fusedtx.reference.window_attention` as one gather, SDPA over every window, one gather back."""
+    bsz, h, w, c3 = qkv.shape
+    window_size, shift_size = tuple(window_size), tuple(shift_size)
+    n, c = window_size[0] * window_size[1], c3 // 3
+    head_dim = c // num_heads
+    shift_size = reference.effective_shift((h, w), window_size, shift_size, order)
+    gather, padding, scatter, shift, rel_index = window_geometry(h, w, window_size, shift_size, order, qkv.device)
+    windows = gather.numel() // n
+    x = qkv.reshape(bsz, h * w, c3).index_select(1, gather)
+    if padding.numel():
+        # The stock modules pad before the qkv Linear: padded tokens hold its bias (zeros without one).
+        fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)
+        x = x.index_copy(1, padding, fill.expand(bsz, padding.numel(), c3))
+    q, k, v = x.view(bsz * windows, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    ct = reference.compute_dtype(qkv.dtype)
+    bias = rel_pos_bias_table.to(ct)[rel_index].view(n, n, num_heads).permute(2, 0, 1)[None]  # 1, heads, N, N
+    if shift is not None:
+        bias = bias + shift.to(ct)
+    if mask is not None:
+        g = torch.arange(bsz * windows, device=qkv.device) % mask.shape[0]
+        bias = (bias.expand(bsz, windows, -1, -1, -1).reshape(bsz * windows, num_heads, n, n)
+                + mask.to(ct)[g][:, None])
+    if bias.shape[0] not in (1, bsz * windows):  # (windows, heads, N, N): the same for every image
+        bias = bias.expand(bsz, -1, -1, -1, -1).reshape(bsz * windows, num_heads, n, n)
+    result = attention(q, k, v, bias.to(qkv.dtype), scale=scale, dropout_p=dropout_p, return_lse=return_lse)
+    out = result[0] if return_lse else result
+    # (B·windows, heads, N, head_dim) -> the map: one gather by (window, token) of each map position.
+    win = (torch.arange(bsz, device=qkv.device) * windows)[:, None] + scatter[:, 0]
+    out = out.transpose(1, 2)[win, scatter[:, 1]].reshape(bsz, h, w, c)
+    return (out, result[1]) if return_lse else out
