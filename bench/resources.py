@@ -1,11 +1,20 @@
-"""Compile the chosen kernel configs for sm_90a (H100) on a machine with no GPU and report resources.
+"""Compile the launch configs for several NVIDIA targets on a machine with no GPU and report their resources.
 
-    python -m fusedtx.bench.sm90_resources [family ...] [--out FILE.md]
+    python -m fusedtx.bench.resources [--arch 80,86,89,90a,100a,120] [family ...] [--out-dir bench/results]
 
-For each config: registers per thread, stack and local memory (non-zero means spills), shared
-memory, and whether the SASS uses Hopper's wgmma tensor-core instructions (HGMMA). Uses Triton's own
-compiler and its bundled cuobjdump; no device is touched. Each family lists its launch configs in
-``CONFIGS`` below (the ones its launcher picks for the shapes that matter).
+For each target, the configs the launchers pick there (``configs(..., family=...)`` of each kernel file, the
+family of the target's compute capability) are compiled with Triton's own compiler and read with its bundled
+cuobjdump: registers per thread, stack and local memory (non-zero means spills), shared memory against the
+target's per-block limit (``fusedtx.kernels.support.SHARED_MEMORY_PER_BLOCK``), and which tensor-core
+instruction the SASS uses (HGMMA is Hopper's wgmma, UTC*MMA Blackwell's tcgen05, HMMA the mma.sync of every
+architecture). No device is touched. A config that spills is listed again with the alternatives compiled for
+it (the kernel's ``candidates``). The last lines are one summary per target:
+
+    sm_89: 73 configs, 0 over the shared-memory limit, 0 spill
+
+The committed tables (``bench/results/resources-sm_*.md``) come from
+``python -m fusedtx.bench.resources --out-dir bench/results``; ``tests/test_resources.py`` recompiles the
+largest configs of each table and checks that every table still lists the configs the launchers pick.
 """
 
 from __future__ import annotations
@@ -13,25 +22,58 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-TARGET = GPUTarget("cuda", 90, 32)
-_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+from fusedtx.kernels.support import SHARED_MEMORY_PER_BLOCK, arch_family
+
+# --arch name -> compute capability (Triton compiles 90 as sm_90a and 100 as sm_100a)
+TARGETS = {"80": 80, "86": 86, "89": 89, "90a": 90, "100a": 100, "120": 120}
+CARDS = {"80": "A100, A800, A30", "86": "A10, A40, RTX 30xx", "89": "L4, L40S, RTX 4090", "90a": "H100, H200",
+         "100a": "B200, GB200", "120": "RTX 50xx, RTX PRO 6000 Blackwell"}
+
+
+class Case(NamedTuple):
+    label: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int = 3
+    alternatives: tuple = ()  # (label, constexprs, num_warps, num_stages) of the candidates for this case
+
+
+def target_name(arch: str) -> str:
+    return f"sm_{arch}"
+
+
+def capability(arch: str) -> tuple[int, int]:
+    cc = TARGETS[arch]
+    return cc // 10, cc % 10
+
+
+def family_of(arch: str) -> str:
+    return arch_family(capability(arch))
+
+
+def shared_limit(arch: str) -> int:
+    return SHARED_MEMORY_PER_BLOCK[TARGETS[arch]]
 
 
 def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int,
-                 num_stages: int = 3) -> dict[str, object]:
-    """Compile ``fn`` for sm_90a; ``signature`` maps every argument to a Triton type (``"*bf16"``,
-    ``"i32"``, ``"fp32"``, ``"constexpr"``), ``constexprs`` gives the constexpr values."""
+def compile_for(arch: str, fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int,
+                num_stages: int = 3) -> dict[str, object]:
+    """Compile ``fn`` for target ``arch`` (a key of TARGETS); ``signature`` maps every argument to a Triton
+    type (``"*bf16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``), ``constexprs`` gives the constexpr values."""
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
     # A real launch tells the compiler which pointers are 16-byte aligned (torch's allocations are) and
     # which integers are multiples of 16 (strides of the usual shapes); without the same hints the build
@@ -39,7 +81,8 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], n
     aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, t in signature.items()
                if t.startswith("*") or (k.startswith("stride") and t == "i32")}
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned)
-    compiled = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[arch], 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -48,17 +91,27 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], n
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name],
                               capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    mma = next((name for name, pattern in (("HGMMA", r"\bHGMMA"), ("tcgen05", r"\bUTC\w*MMA"), ("HMMA", r"\bHMMA"))
+                if re.search(pattern, sass)), "none")
+    shared = int(fields["SHARED"]) + compiled.metadata.shared
     return {
         "regs": int(fields["REG"]),
         "stack": int(fields["STACK"]),
         "local": int(fields["LOCAL"]),
-        "shared": int(fields["SHARED"]) + compiled.metadata.shared,
-        "hgmma": "HGMMA" in sass,
+        "shared": shared,
+        "mma": mma,
         "spills": int(fields["STACK"]) > 0 or int(fields["LOCAL"]) > 0,
+        "over": shared > shared_limit(arch),
     }
 
 
-def _layer_norm_gelu_configs():
+def _config_label(config) -> str:
+    bm, bn, warps, stages = config
+    return f"[{bm}x{bn} w{warps} s{stages}]"
+
+
+def _layer_norm_gelu_configs(family: str):
+    del family  # the same configs on every architecture
     from fusedtx.kernels import layer_norm_gelu as k
 
     fwd_sig = {n: "i32" for n in k._layer_norm_gelu_fwd_kernel.arg_names}
@@ -75,51 +128,16 @@ def _layer_norm_gelu_configs():
                               SINGLE=single, stride_xn=1, stride_rn=1)
                 sig = {**fwd_sig, **{c: "constexpr" for c in consts}}
                 name = f"fwd {dtype} N={n}{' +residual' if residual else ''} [{bm}x{bn} w{warps}]"
-                yield name, k._layer_norm_gelu_fwd_kernel, sig, consts, warps
+                yield Case(name, k._layer_norm_gelu_fwd_kernel, sig, consts, warps)
             bm, bn, single, warps = k._config(n, k.BWD_TILE)
             consts = dict(ACT=1, HAS_DS=False, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn, SINGLE=single,
                           stride_dyn=1, stride_dsn=1, stride_xn=1)
             sig = {**bwd_sig, **{c: "constexpr" for c in consts}}
-            yield f"bwd {dtype} N={n} [{bm}x{bn} w{warps}]", k._layer_norm_gelu_bwd_kernel, sig, consts, warps
+            yield Case(f"bwd {dtype} N={n} [{bm}x{bn} w{warps}]", k._layer_norm_gelu_bwd_kernel, sig, consts, warps)
 
 
-def _attention_configs():
-    import torch
-
-    from fusedtx.kernels import attention as k
-
-    kernels = {"fwd": k._attn_fwd_kernel, "dkdv": k._attn_bwd_dkdv_kernel, "dq": k._attn_bwd_dq_kernel,
-               "dbias": k._attn_bwd_dbias_kernel}
-    unit_strides = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_gd", "stride_xd", "stride_bn",
-                    "stride_mn")
-    # (kernel, dtype, head dim, bias, causal + key padding mask): every config with a bias, and the
-    # heaviest variant (bias, padding mask, causal) of the bf16 ones.
-    cases = [(kind, dtype, d, True, False) for dtype in ("bf16", "fp32") for d in (64, 80, 128, 256)
-             for kind in ("fwd", "dkdv", "dq")]
-    cases += [(kind, "bf16", d, True, True) for d in (64, 128) for kind in ("fwd", "dkdv", "dq", "dbias")]
-    cases += [("fwd", "bf16", 64, False, False)]
-    for kind, dtype, d, has_bias, masked in cases:
-        fn = kernels[kind]
-        ptr = f"*{dtype}"
-        sig = {n: "i32" for n in fn.arg_names}
-        sig.update({n: ptr for n in ("Q", "K", "V", "Bias", "Out", "DO", "DK", "DV", "DQ", "DBias")
-                    if n in sig})
-        sig.update({n: "*fp32" for n in ("Lse", "Delta") if n in sig})
-        sig.update(KPM="*u8", qk_scale="fp32", **({"sm_scale": "fp32"} if "sm_scale" in sig else {}))
-        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        bm, bn, warps = k.configs(kind, d, torch_dtype, has_bias)
-        consts = dict(HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=masked, CAUSAL=masked)
-        consts.update({n: 1 for n in unit_strides if n in sig})
-        if kind == "dbias":
-            consts["SUM_ROWS"] = False
-        else:
-            consts["HAS_BIAS"] = has_bias
-        sig.update({c: "constexpr" for c in consts})
-        flags = "".join([" +bias" if has_bias else "", " +padding causal" if masked else ""])
-        yield f"{kind} {dtype} D={d}{flags} [{bm}x{bn} w{warps}]", fn, sig, consts, warps
-
-
-def _sinusoidal_configs():
+def _sinusoidal_configs(family: str):
+    del family  # the same configs on every architecture
     import math
 
     import torch
@@ -145,49 +163,119 @@ def _sinusoidal_configs():
                           FIRST_IS_COL=first_is_col, HAS_X=add, HAS_POS=has_pos, BLOCK_T=bt, BLOCK_K=bk, stride_xd=1)
             sig.update({c: "constexpr" for c in consts})
             what = ("add " if add else "generate ") + ("2D " if slots == 2 else "1D ") + layout
-            yield f"{what} {dtype} D={d}{' +ids' if has_pos else ''} [{bt}x{bk} w{warps}]", fn, sig, consts, warps
+            yield Case(f"{what} {dtype} D={d}{' +ids' if has_pos else ''} [{bt}x{bk} w{warps}]", fn, sig, consts, warps)
 
 
-def _window_attention_configs():
+_ATTENTION_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_gd", "stride_xd",
+                           "stride_bn", "stride_mn")
+
+
+def _attention_case(kind: str, dtype: str, d: int, has_bias: bool, masked: bool, config) -> tuple:
+    """(label, kernel, signature, constexprs, num_warps, num_stages) of one attention kernel build."""
+    from fusedtx.kernels import attention as k
+
+    fn = {"fwd": k._attn_fwd_kernel, "dkdv": k._attn_bwd_dkdv_kernel, "dq": k._attn_bwd_dq_kernel,
+          "dbias": k._attn_bwd_dbias_kernel}[kind]
+    ptr = f"*{dtype}"
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update({n: ptr for n in ("Q", "K", "V", "Bias", "Out", "DO", "DK", "DV", "DQ", "DBias") if n in sig})
+    sig.update({n: "*fp32" for n in ("Lse", "Delta") if n in sig})
+    sig.update(KPM="*u8", qk_scale="fp32", **({"sm_scale": "fp32"} if "sm_scale" in sig else {}))
+    bm, bn, warps, stages = config
+    consts = dict(HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=masked, CAUSAL=masked)
+    consts.update({n: 1 for n in _ATTENTION_UNIT_STRIDES if n in sig})
+    if kind == "dbias":
+        consts["SUM_ROWS"] = False
+    else:
+        consts["HAS_BIAS"] = has_bias
+    sig.update({c: "constexpr" for c in consts})
+    flags = "".join([" +bias" if has_bias else "", " +padding causal" if masked else ""])
+    return f"{kind} {dtype} D={d}{flags} {_config_label(config)}", fn, sig, consts, warps, stages
+
+
+def attention_cases() -> list[tuple]:
+    """(kernel, dtype, head dim, bias, causal + key padding mask): every config with a bias, and the heaviest
+    variant (bias, padding mask, causal) of the bf16 ones."""
+    cases = [(kind, dtype, d, True, False) for dtype in ("bf16", "fp32") for d in (64, 80, 128, 256)
+             for kind in ("fwd", "dkdv", "dq")]
+    cases += [(kind, "bf16", d, True, True) for d in (64, 128) for kind in ("fwd", "dkdv", "dq", "dbias")]
+    cases += [("fwd", "bf16", 64, False, False)]
+    return cases
+
+
+def _attention_configs(family: str):
+    import torch
+
+    from fusedtx.kernels import attention as k
+
+    for kind, dtype, d, has_bias, masked in attention_cases():
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        config = k.configs(kind, d, torch_dtype, has_bias, family=family)
+        label, fn, sig, consts, warps, stages = _attention_case(kind, dtype, d, has_bias, masked, config)
+        alternatives = tuple(_attention_case(kind, dtype, d, has_bias, masked, c)
+                             for c in k.candidates(kind, d, torch_dtype, has_bias, family=family) if c != config)
+        yield Case(label, fn, sig, consts, warps, stages, alternatives)
+
+
+_WINDOW_UNIT_STRIDES = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
+
+
+def _window_case(kind: str, dtype: str, ws: int, d: int, config) -> tuple:
+    """(label, kernel, signature, constexprs, num_warps, num_stages) of one window attention kernel build."""
+    from fusedtx.kernels import window_attention as k
+
+    fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
+          "dq": k._window_attn_bwd_dq_kernel}[kind]
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update({n: f"*{dtype}" for n in ("QKV", "Out", "DO", "DQKV") if n in sig})
+    sig.update({n: "*fp32" for n in ("Table", "Fill", "Mask", "Lse", "DBias", "DFill") if n in sig})
+    sig.update({n: "fp32" for n in ("qk_scale", "sm_scale") if n in sig})
+    tokens = ws * ws
+    bm, bn, warps, stages = config
+    consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
+                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False)
+    consts.update({n: 1 for n in _WINDOW_UNIT_STRIDES if n in sig})
+    if kind == "bwd":
+        consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True, STAGES=stages)
+    else:
+        consts["BLOCK_M"] = bm
+    sig.update({c: "constexpr" for c in consts})
+    return f"{kind} {dtype} window {ws} D={d} {_config_label(config)}", fn, sig, consts, warps, stages
+
+
+def _window_attention_configs(family: str):
+    import torch
+
     from fusedtx.kernels import window_attention as k
     from fusedtx.kernels.support import window_fp32_backward_covers
 
-    unit = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
-    # (kind, window, head dim): Swin's windows 7 and 8 (one tile: backward with dQ fused) and 12 and 16
-    # (multi-block: backward plus the dQ kernel), head dims 32 (Swin) and 64.
-    cases = [(kind, ws, d) for ws in (7, 8, 12, 16) for d in (32, 64) for kind in ("fwd", "bwd")]
-    cases += [("dq", ws, d) for ws in (12, 16) for d in (32, 64)]
+    # Swin's windows 7 and 8 and the larger 12 and 16, head dims 32 (Swin) and 64; the dQ kernel wherever
+    # the backward's key blocks do not cover the whole window.
     for dtype in ("bf16", "fp32"):
-        for kind, ws, d in cases:
-            if kind == "bwd" and dtype == "fp32" and not window_fp32_backward_covers(ws * ws, d):
-                continue  # not covered: the reference runs it
-            fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
-                  "dq": k._window_attn_bwd_dq_kernel}[kind]
-            sig = {n: "i32" for n in fn.arg_names}
-            sig.update({n: f"*{dtype}" for n in ("QKV", "Out", "DO", "DQKV") if n in sig})
-            sig.update({n: "*fp32" for n in ("Table", "Fill", "Mask", "Lse", "DBias", "DFill") if n in sig})
-            sig.update({n: "fp32" for n in ("qk_scale", "sm_scale") if n in sig})
-            tokens = ws * ws
-            bm, bn, warps = k.configs(kind, tokens)
-            consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
-                          TORCHVISION=False, HAS_FILL=True, HAS_MASK=False)
-            consts.update({n: 1 for n in unit if n in sig})
-            if kind == "bwd":
-                consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True,
-                              STAGES=k.BWD_STAGES)
-            else:
-                consts["BLOCK_M"] = bm
-            sig.update({c: "constexpr" for c in consts})
-            yield f"{kind} {dtype} window {ws} D={d} [{bm}x{bn} w{warps}]", fn, sig, consts, warps
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        for kind in ("fwd", "bwd", "dq"):
+            for ws in (7, 8, 12, 16):
+                for d in (32, 64):
+                    tokens = ws * ws
+                    if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d):
+                        continue  # not covered: the reference runs it
+                    if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family)[1] >= tokens:
+                        continue  # the backward computes dQ itself
+                    config = k.configs(kind, tokens, d, torch_dtype, family=family)
+                    label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config)
+                    alternatives = tuple(_window_case(kind, dtype, ws, d, c)
+                                         for c in k.candidates(kind, tokens, d, torch_dtype, family=family)
+                                         if c != config)
+                    yield Case(label, fn, sig, consts, warps, stages, alternatives)
     fn = k._table_grad_kernel
     for ws in (7, 16):
         consts = dict(WH=ws, WW=ws, BLOCK_Q=k.block_q(ws * ws), stride_t1=1)
         sig = {n: "i32" for n in fn.arg_names}
         sig.update(DBias="*fp32", DTable="*fp32", **{c: "constexpr" for c in consts})
-        yield f"table grad window {ws} [w4]", fn, sig, consts, 4
+        yield Case(f"table grad window {ws} [w4]", fn, sig, consts, 4)
 
 
-# family -> generator of (label, kernel, signature, constexprs, num_warps)
+# family -> generator of the cases the launchers pick for an architecture family
 CONFIGS = {
     "layer_norm_gelu": _layer_norm_gelu_configs,
     "attention": _attention_configs,
@@ -196,31 +284,138 @@ CONFIGS = {
 }
 
 
-def report(families) -> str:
-    lines = ["| family | config | regs | stack B | local B | shared B | HGMMA | spills |",
-             "|---|---|---:|---:|---:|---:|---|---|"]
-    for family in families:
-        for label, fn, sig, consts, warps in CONFIGS[family]():
-            r = compile_sm90(fn, sig, consts, warps)
-            lines.append(f"| {family} | {label} | {r['regs']} | {r['stack']} | {r['local']} | {r['shared']} | "
-                         f"{'yes' if r['hgmma'] else 'no'} | {'SPILLS' if r['spills'] else 'none'} |")
-    return "\n".join(lines) + "\n"
+def cases(arch: str, families) -> list[tuple[str, Case]]:
+    """(kernel family, case) of every config the launchers pick on target ``arch``."""
+    return [(family, case) for family in families for case in CONFIGS[family](family_of(arch))]
 
 
-def main(argv=None) -> None:
+def _row(family: str, label: str, r: dict) -> str:
+    return (f"| {family} | {label} | {r['regs']} | {r['stack']} | {r['local']} | {r['shared']} | "
+            f"{'OVER' if r['over'] else 'fits'} | {r['mma']} | {'SPILLS' if r['spills'] else 'none'} |")
+
+
+_HEADER = ["| family | config | regs | stack B | local B | shared B | shared limit | MMA | spills |",
+           "|---|---|---:|---:|---:|---:|---|---|---|"]
+
+
+def report(arch: str, families, log=None) -> tuple[str, str]:
+    """(markdown table, summary line) for target ``arch``."""
+    rows, alt_rows = list(_HEADER), list(_HEADER)
+    n = over = spills = 0
+    for family, case in cases(arch, families):
+        r = compile_for(arch, case.fn, case.signature, case.constexprs, case.num_warps, case.num_stages)
+        n += 1
+        over += r["over"]
+        spills += r["spills"]
+        rows.append(_row(family, case.label, r))
+        if log:
+            print(rows[-1], file=log, flush=True)
+        if r["spills"] or r["over"]:
+            alt_rows.append(_row(family, f"**{case.label}** (chosen)", r))
+            for label, fn, sig, consts, warps, stages in case.alternatives:
+                alt_rows.append(_row(family, f"alternative {label}", compile_for(arch, fn, sig, consts, warps,
+                                                                                  stages)))
+    limit = shared_limit(arch)
+    title = (f"# {target_name(arch)} resource usage ({CARDS[arch]}; launch configs of the {family_of(arch)} "
+             f"family; Triton {triton.__version__}, compiled on CPU)\n\n"
+             f"Per-block shared-memory limit: {limit} B ({limit // 1024} KiB). Regenerate with "
+             f"`python -m fusedtx.bench.resources --arch {arch} --out-dir bench/results`.\n\n")
+    table = title + "\n".join(rows) + "\n"
+    if len(alt_rows) > 2:
+        table += ("\n## Configs that spill or do not fit, with the alternatives compiled for them\n\n"
+                  + "\n".join(alt_rows) + "\n")
+    summary = f"{target_name(arch)}: {n} configs, {over} over the shared-memory limit, {spills} spill"
+    return table, summary
+
+
+def table_path(out_dir: str | Path, arch: str) -> Path:
+    return Path(out_dir) / f"resources-{target_name(arch)}.md"
+
+
+def read_table(path: str | Path) -> dict[tuple[str, str], dict[str, object]]:
+    """The main table of a committed ``resources-sm_*.md``: (family, config label) -> shared bytes, spills."""
+    rows = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("## "):
+            break  # the alternatives section repeats labels
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[5].isdigit():
+            rows[(cells[0], cells[1])] = {"shared": int(cells[5]), "spills": cells[8] == "SPILLS"}
+    return rows
+
+
+def _estimate(case: Case) -> int:
+    """A rough shared-memory size of a case, to sample the largest when no committed table says."""
+    c = case.constexprs
+    width = c.get("BLOCK_D", c.get("BLOCK_N", 128))
+    rows = c.get("BLOCK_M", c.get("BLOCK_Q", 1)) + c.get("BLOCK_N", 0)
+    elsize = 4 if "*fp32" in (case.signature.get("Q"), case.signature.get("QKV"), case.signature.get("X")) else 2
+    return rows * width * elsize * case.num_stages
+
+
+def check_sample(arch: str, families, tables: str | Path, count: int) -> list[str]:
+    """Compile the ``count`` configs of ``arch`` that use the most shared memory (per its committed table, or
+    estimated when there is none) and return what is wrong: with a table, a config the launchers pick that it
+    does not list (or the reverse); a config over the shared-memory limit; one that spills where the table
+    says it does not."""
+    path = table_path(tables, arch)
+    committed = read_table(path) if path.exists() else None
+    picked = {(family, case.label): case for family, case in cases(arch, families)}
+    problems = []
+    if committed is not None:
+        problems += [f"{target_name(arch)}: {f} {label} is picked but not in the committed table"
+                     for f, label in picked if (f, label) not in committed]
+        problems += [f"{target_name(arch)}: {f} {label} is in the committed table but no longer picked"
+                     for f, label in committed if f in families and (f, label) not in picked]
+        largest = sorted((k for k in picked if k in committed), key=lambda k: -committed[k]["shared"])[:count]
+    else:
+        largest = sorted(picked, key=lambda k: -_estimate(picked[k]))[:count]
+    for family, label in largest:
+        case = picked[(family, label)]
+        r = compile_for(arch, case.fn, case.signature, case.constexprs, case.num_warps, case.num_stages)
+        print(_row(family, case.label, r), flush=True)
+        if r["over"]:
+            problems.append(f"{target_name(arch)}: {family} {label} needs {r['shared']} B of shared memory, "
+                            f"over the {shared_limit(arch)} B limit")
+        if r["spills"] and committed is not None and not committed[(family, label)]["spills"]:
+            problems.append(f"{target_name(arch)}: {family} {label} spills ({r['stack']} B stack)")
+    return problems
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("families", nargs="*", help=f"any of {list(CONFIGS)} (default: all)")
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--arch", default=",".join(TARGETS),
+                   help=f"comma-separated targets, any of {','.join(TARGETS)} (default: all)")
+    p.add_argument("--out-dir", default=None, help="also write each target's table to OUT_DIR/resources-sm_*.md")
+    p.add_argument("--quiet", action="store_true", help="print only the summary lines")
+    p.add_argument("--sample", type=int, default=0, metavar="K",
+                   help="CI guard: check the committed tables in --tables against the configs the launchers pick "
+                        "and recompile the K largest configs of each target; exit 1 on a problem")
+    p.add_argument("--tables", default="bench/results", help="folder of the committed tables (with --sample)")
     args = p.parse_args(argv)
     unknown = set(args.families) - set(CONFIGS)
     if unknown:
         p.error(f"unknown families {sorted(unknown)}; choose from {list(CONFIGS)}")
-    table = report(args.families or list(CONFIGS))
-    print(table)
-    if args.out:
-        Path(args.out).write_text(f"# sm_90a resource usage (Triton {triton.__version__}, compiled on CPU)\n\n"
-                                  + table)
+    archs = [a.strip().removeprefix("sm_") for a in args.arch.split(",") if a.strip()]
+    bad = [a for a in archs if a not in TARGETS]
+    if bad:
+        p.error(f"unknown targets {bad}; choose from {','.join(TARGETS)}")
+    families = args.families or list(CONFIGS)
+    if args.sample:
+        problems = [msg for arch in archs for msg in check_sample(arch, families, args.tables, args.sample)]
+        print("\n".join(problems) or f"{', '.join(target_name(a) for a in archs)}: the {args.sample} largest "
+              f"configs of each fit, and the tables list the configs the launchers pick")
+        return 1 if problems else 0
+    summaries = []
+    for arch in archs:
+        table, summary = report(arch, families, log=None if args.quiet else sys.stdout)
+        summaries.append(summary)
+        if args.out_dir:
+            table_path(args.out_dir, arch).write_text(table)
+    print("\n".join(summaries))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -55,6 +55,7 @@ from fusedtx.kernels.softmax_core import (
     softmax_bwd,
 )
 from fusedtx.kernels.support import empty_bnhd, interpreter_enabled
+from fusedtx.kernels.tuning import device_family, launch
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -371,34 +372,84 @@ def _attn_bwd_dbias_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-# (kernel, padded head dim, fp32?) -> (BLOCK_M, BLOCK_N, num_warps); num_stages is 3 throughout.
-# BLOCK_M counts queries and BLOCK_N keys in every kernel. Chosen so that the sm_90a builds neither
-# spill nor exceed shared memory, also with a bias whose rows are not 16-element aligned (N = 197)
-# (python -m fusedtx.bench.sm90_resources attention); not yet tuned on a GPU.
-_GPU_CONFIGS = {
-    ("fwd", 64, False): (128, 64, 8), ("fwd", 128, False): (128, 64, 8), ("fwd", 256, False): (64, 32, 8),
-    ("fwd", 64, True): (64, 32, 4), ("fwd", 128, True): (64, 32, 8), ("fwd", 256, True): (64, 16, 8),
-    ("dkdv", 64, False): (64, 128, 8), ("dkdv", 128, False): (32, 128, 8), ("dkdv", 256, False): (16, 64, 8),
-    ("dkdv", 64, True): (32, 64, 8), ("dkdv", 128, True): (32, 32, 8), ("dkdv", 256, True): (16, 32, 8),
-    ("dq", 64, False): (128, 64, 8), ("dq", 128, False): (128, 32, 8), ("dq", 256, False): (64, 32, 8),
-    ("dq", 64, True): (64, 32, 4), ("dq", 128, True): (64, 32, 8), ("dq", 256, True): (32, 16, 8),
-    ("dbias", 64, False): (64, 64, 8), ("dbias", 128, False): (64, 32, 8), ("dbias", 256, False): (64, 32, 8),
-    ("dbias", 64, True): (64, 32, 8), ("dbias", 128, True): (64, 32, 8), ("dbias", 256, True): (32, 16, 8),
+# Per architecture family (fusedtx.kernels.support.arch_family): (kernel, padded head dim, fp32?) ->
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts queries and BLOCK_N keys in every kernel. Chosen so
+# that the builds for every target of the family neither spill nor exceed its shared memory, also with a bias
+# whose rows are not 16-element aligned (N = 197) (python -m fusedtx.bench.resources attention; the tables in
+# bench/results/resources-sm_*.md); not yet tuned on a GPU.
+_HOPPER = {
+    ("fwd", 64, False): (128, 64, 8, 3), ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 256, False): (64, 32, 8, 3),
+    ("fwd", 64, True): (64, 32, 4, 3), ("fwd", 128, True): (64, 32, 8, 3), ("fwd", 256, True): (64, 16, 8, 3),
+    ("dkdv", 64, False): (64, 128, 8, 3), ("dkdv", 128, False): (32, 128, 8, 3), ("dkdv", 256, False): (16, 64, 8, 3),
+    ("dkdv", 64, True): (32, 64, 8, 3), ("dkdv", 128, True): (32, 32, 8, 3), ("dkdv", 256, True): (16, 32, 8, 3),
+    ("dq", 64, False): (128, 64, 8, 3), ("dq", 128, False): (128, 32, 8, 3), ("dq", 256, False): (64, 32, 8, 3),
+    ("dq", 64, True): (64, 32, 4, 3), ("dq", 128, True): (64, 32, 8, 3), ("dq", 256, True): (32, 16, 8, 3),
+    ("dbias", 64, False): (64, 64, 8, 3), ("dbias", 128, False): (64, 32, 8, 3), ("dbias", 256, False): (64, 32, 8, 3),
+    ("dbias", 64, True): (64, 32, 8, 3), ("dbias", 128, True): (64, 32, 8, 3), ("dbias", 256, True): (32, 16, 8, 3),
 }
+# Blackwell datacenter (sm_100a: 227 KiB, tcgen05): Hopper's tables.
+_BLACKWELL = dict(_HOPPER)
+# Ampere and Ada (sm_80 to sm_89: 99 KiB on sm_86/sm_89, mma.sync, whose accumulators need more registers than
+# Hopper's wgmma) and Blackwell consumer (sm_120: 99 KiB, mma.sync): smaller tiles, two stages.
+_AMPERE = {
+    ("fwd", 64, False): (128, 64, 8, 3), ("fwd", 128, False): (64, 64, 8, 2), ("fwd", 256, False): (64, 32, 8, 2),
+    ("fwd", 64, True): (64, 32, 4, 2), ("fwd", 128, True): (32, 32, 4, 2), ("fwd", 256, True): (32, 16, 8, 2),
+    ("dkdv", 64, False): (32, 64, 8, 2), ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 256, False): (16, 32, 8, 2),
+    ("dkdv", 64, True): (32, 32, 8, 2), ("dkdv", 128, True): (16, 32, 8, 2), ("dkdv", 256, True): (16, 16, 8, 2),
+    ("dq", 64, False): (32, 64, 8, 2), ("dq", 128, False): (64, 32, 8, 2), ("dq", 256, False): (32, 16, 8, 2),
+    ("dq", 64, True): (64, 32, 4, 2), ("dq", 128, True): (32, 32, 8, 2), ("dq", 256, True): (16, 16, 8, 2),
+    ("dbias", 64, False): (64, 32, 8, 2), ("dbias", 128, False): (32, 32, 8, 2), ("dbias", 256, False): (32, 16, 8, 2),
+    ("dbias", 64, True): (32, 32, 8, 2), ("dbias", 128, True): (32, 16, 8, 2), ("dbias", 256, True): (16, 16, 8, 2),
+}
+_BLACKWELL_CONSUMER = dict(_AMPERE)
+_CONFIGS = {"hopper": _HOPPER, "blackwell": _BLACKWELL, "ampere": _AMPERE, "blackwell_consumer": _BLACKWELL_CONSUMER}
 # With a bias the forward's 128-lane head dims take narrower key blocks (the bias tile's registers).
-_GPU_BIAS_CONFIGS = {("fwd", 128, False): (128, 32, 8)}
-NUM_STAGES = 3
+_BIAS_CONFIGS = {"hopper": {("fwd", 128, False): (128, 32, 8, 3)}, "blackwell": {("fwd", 128, False): (128, 32, 8, 3)},
+                 "ampere": {}, "blackwell_consumer": {}}
 # The interpreter runs a single small config (unequal blocks, so the causal ranges are exercised).
-_INTERPRETER_CONFIG = {"fwd": (64, 32, 1), "dkdv": (32, 64, 1), "dq": (64, 32, 1), "dbias": (32, 64, 1)}
+_INTERPRETER_CONFIG = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1), "dbias": (32, 64, 1, 1)}
 
 
-def configs(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of kernel ``kind`` ("fwd", "dkdv", "dq", "dbias") for a head dim,
-    dtype and whether a bias is read. Independent of sequence length."""
+def _key(kind: str, head_dim: int, dtype: torch.dtype) -> tuple[str, int, bool]:
+    return kind, max(64, block_d(head_dim)), dtype == torch.float32
+
+
+def configs(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False,
+            family: str | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "dkdv", "dq", "dbias") for a head
+    dim, dtype and whether a bias is read, on architecture ``family`` (default: the interpreter's config when
+    it runs, else the current CUDA device's family). Independent of sequence length."""
+    if family is None:
+        if interpreter_enabled():
+            return _INTERPRETER_CONFIG[kind]
+        family = device_family(torch.device("cuda"))
+    key = _key(kind, head_dim, dtype)
+    return (_BIAS_CONFIGS[family] if has_bias else {}).get(key) or _CONFIGS[family][key]
+
+
+def candidates(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False,
+               family: str | None = None) -> list[tuple[int, int, int, int]]:
+    """A short list of configs worth timing for ``kind`` on ``family`` (the chosen one first): the chosen one,
+    the other families' choices that are smaller, and the chosen one with half the key or query block. The
+    resource check compiles them for a config that spills; ``fusedtx tune`` would time the ones that fit."""
+    chosen = configs(kind, head_dim, dtype, has_bias, family)
+    bm, bn, warps, stages = chosen
+    out = [chosen]
+    for other in _CONFIGS:
+        c = configs(kind, head_dim, dtype, has_bias, other)
+        if c[0] * c[1] <= bm * bn and c not in out:
+            out.append(c)
+    for c in ((bm, bn // 2, warps, stages), (bm // 2, bn, warps, stages), (bm, bn, warps, 2)):
+        if min(c[:2]) >= 16 and c not in out:
+            out.append(c)
+    return out
+
+
+def _launch_config(kind: str, q: torch.Tensor, has_bias: bool = False) -> tuple[int, int, int, int]:
+    """The config a launch on ``q``'s device starts from."""
     if interpreter_enabled():
         return _INTERPRETER_CONFIG[kind]
-    key = (kind, max(64, block_d(head_dim)), dtype == torch.float32)
-    return (_GPU_BIAS_CONFIGS if has_bias and key in _GPU_BIAS_CONFIGS else _GPU_CONFIGS)[key]
+    return configs(kind, q.shape[-1], q.dtype, has_bias, device_family(q.device))
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -433,17 +484,22 @@ def attention_fwd(
     lse = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, warps = configs("fwd", d, q.dtype, bias is not None)
-    n_qblocks = triton.cdiv(nq, block_m)
     (bias_ptr, kpm_ptr), mask_strides = _optional_args(q, bias, key_padding_mask)
-    _attn_fwd_kernel[(bsz * heads * n_qblocks,)](
-        q, k, v, bias_ptr, kpm_ptr, out, lse,
-        heads, nq, nk, n_qblocks, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-        num_warps=warps, num_stages=NUM_STAGES,
-    )
+
+    def run(config):
+        block_m, block_n, warps, stages = config
+        n_qblocks = triton.cdiv(nq, block_m)
+        _attn_fwd_kernel[(bsz * heads * n_qblocks,)](
+            q, k, v, bias_ptr, kpm_ptr, out, lse,
+            heads, nq, nk, n_qblocks, scale * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+            num_warps=warps, num_stages=stages,
+        )
+
+    has_bias = bias is not None
+    launch("attention fwd", (d, q.dtype, has_bias), _launch_config("fwd", q, has_bias), run)
     return out, lse
 
 
@@ -477,46 +533,63 @@ def attention_bwd(
         return dq, dk, dv, dbias
     bd = block_d(d)
     (bias_ptr, kpm_ptr), mask_strides = _optional_args(q, bias, key_padding_mask)
-    common = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-                  num_stages=NUM_STAGES)
+    common = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_KPM=key_padding_mask is not None, CAUSAL=causal)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
 
     delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
-    dq_block_m, dq_block_n, dq_warps = configs("dq", d, q.dtype)  # the delta pass shares dq's query blocks
+    dq_config = _launch_config("dq", q)
+    dq_block_m, dq_warps = dq_config[0], dq_config[2]  # the delta pass shares dq's query blocks
     n_qblocks = triton.cdiv(nq, dq_block_m)
     _attn_bwd_delta_kernel[(bsz * heads * n_qblocks,)](
         out, do, delta, heads, nq, n_qblocks, *out.stride(), *do.stride(),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=dq_block_m, num_warps=dq_warps,
     )
+    key = (d, q.dtype)
     if nk > 0:
-        block_m, block_n, warps = configs("dkdv", d, q.dtype)
-        n_kblocks = triton.cdiv(nk, block_n)
-        _attn_bwd_dkdv_kernel[(bsz * heads * n_kblocks,)](
-            q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dk, dv,
-            heads, nq, nk, n_kblocks, scale * LOG2E, scale, *strides, *dk.stride(),
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, **common,
+        def run_dkdv(config):
+            block_m, block_n, warps, stages = config
+            n_kblocks = triton.cdiv(nk, block_n)
+            _attn_bwd_dkdv_kernel[(bsz * heads * n_kblocks,)](
+                q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dk, dv,
+                heads, nq, nk, n_kblocks, scale * LOG2E, scale, *strides, *dk.stride(),
+                BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+                **common,
+            )
+
+        launch("attention dkdv", key, _launch_config("dkdv", q), run_dkdv)
+
+    def run_dq(config):
+        block_m, block_n, warps, stages = config
+        n_blocks = triton.cdiv(nq, block_m)
+        _attn_bwd_dq_kernel[(bsz * heads * n_blocks,)](
+            q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dq,
+            heads, nq, nk, n_blocks, scale * LOG2E, scale, *strides, *dq.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+            **common,
         )
-    _attn_bwd_dq_kernel[(bsz * heads * n_qblocks,)](
-        q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dq,
-        heads, nq, nk, n_qblocks, scale * LOG2E, scale, *strides, *dq.stride(),
-        BLOCK_M=dq_block_m, BLOCK_N=dq_block_n, HAS_BIAS=bias is not None, num_warps=dq_warps, **common,
-    )
+
+    launch("attention dq", key, dq_config, run_dq)
     if dbias is not None and dbias.numel() > 0:
         if bias.shape[3] == 1:
             dbias.zero_()  # a bias constant along the keys shifts every score of a row: no gradient
         else:
-            block_m, block_n, warps = configs("dbias", d, q.dtype)
             sum_rows = bias.shape[2] == 1 and nq > 1
-            # Program tiles along the queries, and query blocks each one walks (all of them with SUM_ROWS).
-            n_qtiles, n_qsteps = (1, triton.cdiv(nq, block_m)) if sum_rows else (triton.cdiv(nq, block_m), 1)
             rep_b = bsz if bias.shape[0] == 1 else 1
             rep_h = heads if bias.shape[1] == 1 else 1
-            n_kblocks = triton.cdiv(nk, block_n)
-            grid = (bias.shape[0] * bias.shape[1] * n_qtiles * n_kblocks,)
-            _attn_bwd_dbias_kernel[grid](
-                q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dbias,
-                heads, nq, nk, n_qtiles, n_kblocks, rep_b, rep_h, n_qsteps, scale * LOG2E,
-                *strides, *dbias.stride()[:3],
-                BLOCK_M=block_m, BLOCK_N=block_n, SUM_ROWS=sum_rows, num_warps=warps, **common,
-            )
+
+            def run_dbias(config):
+                block_m, block_n, warps, stages = config
+                # Program tiles along the queries, and query blocks each one walks (all of them with SUM_ROWS).
+                n_qtiles, n_qsteps = (1, triton.cdiv(nq, block_m)) if sum_rows else (triton.cdiv(nq, block_m), 1)
+                n_kblocks = triton.cdiv(nk, block_n)
+                grid = (bias.shape[0] * bias.shape[1] * n_qtiles * n_kblocks,)
+                _attn_bwd_dbias_kernel[grid](
+                    q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dbias,
+                    heads, nq, nk, n_qtiles, n_kblocks, rep_b, rep_h, n_qsteps, scale * LOG2E,
+                    *strides, *dbias.stride()[:3],
+                    BLOCK_M=block_m, BLOCK_N=block_n, SUM_ROWS=sum_rows, num_warps=warps, num_stages=stages,
+                    **common,
+                )
+
+            launch("attention dbias", key, _launch_config("dbias", q), run_dbias)
     return dq, dk, dv, dbias

@@ -26,7 +26,7 @@ ACTIVATION_CODES = {"none": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 # residual form would spill at 16,384); 8 elements per thread, 16 warps at most, except a row wider than
 # 8192: 32 warps of 16 elements each (at 16 warps its residual form spills with Triton 3.6).
 # Wider rows take the chunked path in CHUNK-wide pieces. Sized so that the sm_90a builds do not spill
-# (python -m fusedtx.bench.sm90_resources layer_norm_gelu).
+# (python -m fusedtx.bench.resources layer_norm_gelu).
 FWD_TILE = 16384
 BWD_TILE = 4096
 ROWS_TILE = 2048

@@ -44,3 +44,20 @@ def empty_bnhd(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Te
     it, so the custom op's fake can promise it."""
     b, h, n, d = shape
     return torch.empty((b, n, h, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+# Per-block shared-memory limits (the opt-in maximum, bytes) of the compile targets the configs are checked for,
+# by compute capability; the launch configs of an architecture family fit the smallest limit of its members.
+SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                           120: 99 * 1024}
+# Architecture families with their own launch configs. Unknown architectures get the most conservative one.
+ARCH_FAMILIES = ("ampere", "hopper", "blackwell", "blackwell_consumer")
+CONSERVATIVE_FAMILY = "ampere"
+
+
+def arch_family(capability: tuple[int, int]) -> str:
+    """The config family of a compute capability: "ampere" (sm_80 to sm_89: Ampere and Ada), "hopper" (sm_90),
+    "blackwell" (sm_100, sm_103: datacenter), "blackwell_consumer" (sm_120, sm_121); anything else the most
+    conservative family (99 KiB of shared memory, no Hopper or Blackwell tensor-core instructions)."""
+    major = capability[0]
+    return {8: "ampere", 9: "hopper", 10: "blackwell", 12: "blackwell_consumer"}.get(major, CONSERVATIVE_FAMILY)

@@ -56,6 +56,7 @@ from fusedtx.kernels.softmax_core import (
     softmax_bwd,
 )
 from fusedtx.kernels.support import interpreter_enabled
+from fusedtx.kernels.tuning import device_family, launch
 
 _LOG2E = tl.constexpr(LOG2E)
 _SHIFT_MASK_LOG2 = tl.constexpr(-100.0 * LOG2E)  # the stock modules' -100 between regions, in log2 units
@@ -407,22 +408,82 @@ def block_q(tokens: int) -> int:
     return block_d(tokens)
 
 
-def configs(kind: str, tokens: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of kernel ``kind`` ("fwd", "bwd", "dq") for windows of ``tokens``.
+def _hopper(kind: str, n: int) -> tuple[int, int, int, int]:
+    if kind == "fwd":
+        return (n, n, 4, 3) if n <= 64 else (64, 64, 8, 3)
+    if kind == "bwd":
+        return (n, n, 8 if n == 64 else 4, BWD_STAGES) if n <= 64 else (n, 16, 8, BWD_STAGES)
+    return 64, 64, 8, 3
+
+
+# Per architecture family (fusedtx.kernels.support.arch_family): the configs that differ from Hopper's rule,
+# (kind, padded window, padded head dim, fp32?) -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen so that the
+# builds for every target of the family fit its shared memory and spill only where no compiled alternative
+# avoids it (python -m fusedtx.bench.resources window_attention; bench/results/resources-sm_*.md).
+_OVERRIDES: dict[str, dict[tuple[str, int, int, bool], tuple[int, int, int, int]]] = {
+    "hopper": {},
+    "blackwell": {},
+    "ampere": {},
+    "blackwell_consumer": {},
+}
+# Ampere/Ada and Blackwell consumer (99 KiB, mma.sync): half the key blocks for large windows and float32, fewer
+# stages; float32 windows up to 64 tokens at head dim 64 split the backward's keys (dQ from its own kernel).
+for _n in (64, 128, 256):
+    for _d in (32, 64):
+        for _fp32 in (False, True):
+            _big = _n > 64 or _fp32
+            _OVERRIDES["ampere"][("fwd", _n, _d, _fp32)] = (64, 32, 8, 2) if _big else (_n, _n, 4, 2)
+            _OVERRIDES["ampere"][("dq", _n, _d, _fp32)] = (64, 32, 8, 2)
+            _OVERRIDES["ampere"][("bwd", _n, _d, _fp32)] = ((_n, 16, 8, 1) if _n > 64 else
+                                                            (_n, 32, 8, 1) if _fp32 else (_n, _n, 8, 1))
+_OVERRIDES["blackwell_consumer"] = dict(_OVERRIDES["ampere"])
+
+
+def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = torch.float16,
+            family: str | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "bwd", "dq") for windows of
+    ``tokens`` at ``head_dim`` in ``dtype`` on architecture ``family`` (default: the interpreter's configs when
+    it runs, else the current CUDA device's family).
 
     The "bwd" kernel's query tile is always the whole window (BLOCK_M = block_q(tokens)); with one key
     block (windows up to 64 tokens on a GPU) it computes dQ too and "dq" is not launched. The interpreter
     runs small blocks, so windows of 49 tokens there take the multi-block paths (dq kernel included).
-    Chosen so the sm_90a builds do not spill (python -m fusedtx.bench.sm90_resources window_attention); not yet
-    tuned on a GPU."""
+    Not yet tuned on a GPU."""
     n = block_q(tokens)
+    if family is None:
+        if interpreter_enabled():
+            return {"fwd": (min(n, 32), min(n, 16), 1, 1), "bwd": (n, 16, 1, 1), "dq": (min(n, 32), 16, 1, 1)}[kind]
+        family = device_family(torch.device("cuda"))
+    key = (kind, n, block_d(head_dim), dtype == torch.float32)
+    return _OVERRIDES[family].get(key) or _hopper(kind, n)
+
+
+def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype,
+               family: str | None = None) -> list[tuple[int, int, int, int]]:
+    """A short list of configs worth timing for ``kind`` (the chosen one first): the other families' choices,
+    half the key block (the backward's query tile is the whole window), fewer warps, fewer stages. The resource
+    check compiles them for a config that spills; ``fusedtx tune`` would time the ones that fit."""
+    chosen = configs(kind, tokens, head_dim, dtype, family)
+    bm, bn, warps, stages = chosen
+    out = [chosen]
+    for other in _OVERRIDES:
+        c = configs(kind, tokens, head_dim, dtype, other)
+        if c not in out:
+            out.append(c)
+    tries = [(bm, bn // 2, warps, stages), (bm, bn, 4 if warps == 8 else 8, stages), (bm, bn, warps, 1)]
+    if kind != "bwd":
+        tries.append((bm // 2, bn, warps, stages))
+    for c in tries:
+        if min(c[:2]) >= 16 and c not in out:
+            out.append(c)
+    return out
+
+
+def _launch_config(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int) -> tuple[int, int, int, int]:
+    """The config a launch on ``qkv``'s device starts from."""
     if interpreter_enabled():
-        return {"fwd": (min(n, 32), min(n, 16), 1), "bwd": (n, 16, 1), "dq": (min(n, 32), 16, 1)}[kind]
-    if kind == "fwd":
-        return (n, n, 4) if n <= 64 else (64, 64, 8)
-    if kind == "bwd":
-        return (n, n, 8 if n == 64 else 4) if n <= 64 else (n, 16, 8)
-    return 64, 64, 8
+        return configs(kind, tokens, head_dim, qkv.dtype)
+    return configs(kind, tokens, head_dim, qkv.dtype, device_family(qkv.device))
 
 
 def _groups(device: torch.device, windows: int, per_window_programs: int) -> tuple[int, int]:
@@ -466,12 +527,17 @@ def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, nu
     lse = torch.empty((windows, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     if out.numel() == 0:
         return out, lse
-    block_m, block_n, warps = configs("fwd", tokens)
-    grid = (windows * num_heads * triton.cdiv(tokens, block_m),)
-    _window_attn_fwd_kernel[grid](
-        qkv, *ptrs, out, lse, *geometry, scale * LOG2E, *qkv.stride(), *out.stride(), *tail,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **consts,
-    )
+    head_dim = c3 // (3 * num_heads)
+
+    def run(config):
+        block_m, block_n, warps, stages = config
+        grid = (windows * num_heads * triton.cdiv(tokens, block_m),)
+        _window_attn_fwd_kernel[grid](
+            qkv, *ptrs, out, lse, *geometry, scale * LOG2E, *qkv.stride(), *out.stride(), *tail,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
+        )
+
+    launch("window_attention fwd", (tokens, head_dim, qkv.dtype), _launch_config("fwd", qkv, tokens, head_dim), run)
     return out, lse
 
 
@@ -490,25 +556,35 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
     if windows == 0:
         dtable = torch.zeros_like(table) if table_grad else None
         return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None)
-    bq, block_n, warps = configs("bwd", tokens)
-    n_kblocks = triton.cdiv(tokens, block_n)
-    groups, per_group = _groups(qkv.device, windows, num_heads * n_kblocks)
-    dbias = torch.empty((groups, num_heads, tokens, tokens) if table_grad else (1,), dtype=torch.float32,
-                        device=qkv.device)
-    dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if bias_grad else (1,),
-                        dtype=torch.float32, device=qkv.device)
     strides = (*qkv.stride(), *out.stride(), *dout.stride(), *dqkv.stride())
-    _window_attn_bwd_kernel[(groups * num_heads * n_kblocks,)](
-        qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, *geometry, windows, per_group, scale * LOG2E, scale,
-        *strides, *tail, BLOCK_N=block_n, BLOCK_Q=bq, FUSE_DQ=n_kblocks == 1, TABLE_GRAD=table_grad,
-        FILL_GRAD=bias_grad, STAGES=BWD_STAGES, num_warps=warps, **consts,
-    )
-    if n_kblocks > 1:
-        block_m, block_n, warps = configs("dq", tokens)
-        _window_attn_bwd_dq_kernel[(windows * num_heads * triton.cdiv(tokens, block_m),)](
-            qkv, *ptrs, out, dout, lse, dqkv, *geometry, scale * LOG2E, scale, *strides, *tail,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **consts,
+    key = (tokens, head_dim, qkv.dtype)
+
+    def run(config):  # the key blocks decide the partial sums' shapes and whether dQ is fused
+        bq, block_n, warps, stages = config
+        n_kblocks = triton.cdiv(tokens, block_n)
+        groups, per_group = _groups(qkv.device, windows, num_heads * n_kblocks)
+        dbias = torch.empty((groups, num_heads, tokens, tokens) if table_grad else (1,), dtype=torch.float32,
+                            device=qkv.device)
+        dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if bias_grad else (1,),
+                            dtype=torch.float32, device=qkv.device)
+        _window_attn_bwd_kernel[(groups * num_heads * n_kblocks,)](
+            qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, *geometry, windows, per_group, scale * LOG2E, scale,
+            *strides, *tail, BLOCK_N=block_n, BLOCK_Q=bq, FUSE_DQ=n_kblocks == 1, TABLE_GRAD=table_grad,
+            FILL_GRAD=bias_grad, STAGES=stages, num_warps=warps, num_stages=stages, **consts,
         )
+        return bq, n_kblocks, dbias, dfill
+
+    bq, n_kblocks, dbias, dfill = launch("window_attention bwd", key,
+                                         _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True)
+    if n_kblocks > 1:
+        def run_dq(config):
+            block_m, block_n, warps, stages = config
+            _window_attn_bwd_dq_kernel[(windows * num_heads * triton.cdiv(tokens, block_m),)](
+                qkv, *ptrs, out, dout, lse, dqkv, *geometry, scale * LOG2E, scale, *strides, *tail,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
+            )
+
+        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim), run_dq)
     dtable = None
     if table_grad:
         dtable = table.new_empty(table.shape)

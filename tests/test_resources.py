@@ -1,0 +1,167 @@
+"""Launch configs per GPU architecture: the family a device takes, the launch guard that retries a smaller
+config on OutOfResources (forced here in the interpreter), and the CI guard that the committed resource tables
+still list the configs the launchers pick and that the largest of them fit each target."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from triton.runtime import OutOfResources
+
+from fusedtx.kernels import attention as ka
+from fusedtx.kernels import tuning
+from fusedtx.kernels import window_attention as kw
+from fusedtx.kernels.support import ARCH_FAMILIES, SHARED_MEMORY_PER_BLOCK, arch_family
+
+from .conftest import DEVICE, ON_CUDA
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ROOT / "bench" / "results"
+
+
+@pytest.mark.parametrize(("capability", "family"), [
+    ((8, 0), "ampere"), ((8, 6), "ampere"), ((8, 9), "ampere"), ((9, 0), "hopper"), ((10, 0), "blackwell"),
+    ((10, 3), "blackwell"), ((12, 0), "blackwell_consumer"), ((7, 5), "ampere"), ((13, 0), "ampere"),
+])
+def test_arch_family(capability, family):
+    assert arch_family(capability) == family
+
+
+def test_shrink_ends_at_the_smallest_config():
+    chain = [(128, 64, 8, 3)]
+    while (smaller := tuning.shrink(chain[-1])) is not None:
+        chain.append(smaller)
+    assert chain[1] == (128, 64, 8, 2)
+    assert chain[-1] == (16, 16, 8, 1)
+    assert all(a[0] * a[1] * a[3] > b[0] * b[1] * b[3] for a, b in zip(chain, chain[1:], strict=False))
+    assert tuning.shrink((64, 32, 4, 1), fixed_m=True) == (64, 16, 4, 1)
+    assert tuning.shrink((64, 16, 4, 1), fixed_m=True) is None
+
+
+@pytest.mark.parametrize("family", ARCH_FAMILIES)
+def test_every_family_has_every_config(family):
+    for kind in ("fwd", "dkdv", "dq", "dbias"):
+        for d in (32, 64, 80, 128, 256):
+            for dtype in (torch.bfloat16, torch.float32):
+                bm, bn, warps, stages = ka.configs(kind, d, dtype, True, family=family)
+                assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
+    for kind in ("fwd", "bwd", "dq"):
+        for tokens in (49, 64, 144, 256):
+            bm, bn, warps, stages = kw.configs(kind, tokens, 32, torch.bfloat16, family=family)
+            assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
+
+
+def _forced(monkeypatch, module, name, fails):
+    """Replace kernel ``name`` of ``module`` by one that raises OutOfResources while ``fails(constexprs)``."""
+    kernel = getattr(module, name)
+    calls = []
+
+    class Forced:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(dict(kwargs))
+                if fails(kwargs):
+                    raise OutOfResources(300 * 1024, 99 * 1024, "shared memory")
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, name, Forced())
+    monkeypatch.setattr(tuning, "_working", {})
+    monkeypatch.setattr(tuning, "_warned", set())
+    return calls
+
+
+def _rand(*shape):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float32)
+
+
+def test_attention_launch_retries_a_smaller_config(monkeypatch):
+    q, k, v = _rand(1, 2, 49, 32), _rand(1, 2, 40, 32), _rand(1, 2, 40, 32)
+    want, want_lse = ka.attention_fwd(q, k, v, None, None, False, 0.2)
+    first = ka._launch_config("fwd", q)
+    calls = _forced(monkeypatch, ka, "_attn_fwd_kernel", lambda kw_: kw_["BLOCK_M"] == first[0])
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU") as record:
+        out, lse = ka.attention_fwd(q, k, v, None, None, False, 0.2)
+    assert len([w for w in record if "does not fit" in str(w.message)]) == 1
+    assert calls[-1]["BLOCK_M"] < first[0]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():  # the second call goes straight to the config that launched, silently
+        warnings.simplefilter("error")
+        n = len(calls)
+        ka.attention_fwd(q, k, v, None, None, False, 0.2)
+    assert len(calls) == n + 1 and calls[-1]["BLOCK_M"] < first[0]
+
+
+def test_attention_backward_retries_a_smaller_config(monkeypatch):
+    q, k, v = _rand(1, 2, 49, 32), _rand(1, 2, 49, 32), _rand(1, 2, 49, 32)
+    out, lse = ka.attention_fwd(q, k, v, None, None, True, 0.2)
+    do = _rand(1, 2, 49, 32)
+    want = ka.attention_bwd(do, q, k, v, out, lse, None, None, True, 0.2, False)[:3]
+    first = ka._launch_config("dkdv", q)
+    _forced(monkeypatch, ka, "_attn_bwd_dkdv_kernel", lambda kw_: kw_["BLOCK_N"] == first[1])
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU"):
+        got = ka.attention_bwd(do, q, k, v, out, lse, None, None, True, 0.2, False)[:3]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_window_backward_retries_with_smaller_key_blocks(monkeypatch):
+    heads, d, ws = 2, 16, (7, 7)
+    qkv = _rand(1, 9, 9, 3 * heads * d)
+    table = _rand(13 * 13, heads)
+    qkv_bias = _rand(3 * heads * d)
+    args = (qkv, table, qkv_bias, None, ws, (3, 3), heads, 0.25, "timm")
+    out, lse = kw.window_attention_fwd(*args)
+    dout = _rand(*out.shape)
+
+    def bwd():
+        return kw.window_attention_bwd(dout, qkv, table, qkv_bias, None, out, lse, ws, (3, 3), heads, 0.25,
+                                       "timm", True, True)
+
+    want = bwd()
+    # Start from one key block covering the window (dQ fused) and fail it: the retry runs two key blocks and
+    # the dQ kernel, with the same whole-window query tile.
+    monkeypatch.setattr(kw, "_launch_config", lambda kind, *a: (64, 64, 1, 1) if kind == "bwd" else
+                        kw.configs(kind, 49, d, qkv.dtype))
+    calls = _forced(monkeypatch, kw, "_window_attn_bwd_kernel", lambda kw_: kw_["BLOCK_N"] == 64)
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU"):
+        got = bwd()
+    assert [c["BLOCK_N"] for c in calls] == [64, 32] and not calls[-1]["FUSE_DQ"]
+    assert calls[-1]["BLOCK_Q"] == calls[0]["BLOCK_Q"]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_launch_reraises_when_nothing_fits(monkeypatch):
+    q = _rand(1, 1, 16, 16)
+    _forced(monkeypatch, ka, "_attn_fwd_kernel", lambda kw_: True)
+    with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
+        ka.attention_fwd(q, q, q, None, None, False, 0.25)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="compiles for every target on the CPU; the GPU run checks its own card")
+def test_resource_tables_match_the_launchers_and_the_largest_configs_fit():
+    """The CI guard: the committed per-target tables list exactly the configs the launchers pick (so a config
+    change without a new table fails), and the configs of each target with the most shared memory compile for
+    it within its shared-memory limit without a spill the table does not show."""
+    archs = ["80", "86", "89", "90a", "100a", "120"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    command = [sys.executable, "-m", "fusedtx.bench.resources", "--arch", ",".join(archs), "--sample", "3",
+               "--tables", str(TABLES), "attention", "window_attention"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fit" in result.stdout
+
+
+def test_shared_memory_limits():
+    assert SHARED_MEMORY_PER_BLOCK[80] == 163 * 1024
+    assert SHARED_MEMORY_PER_BLOCK[89] == SHARED_MEMORY_PER_BLOCK[120] == 99 * 1024
+    assert SHARED_MEMORY_PER_BLOCK[90] == SHARED_MEMORY_PER_BLOCK[100] == 227 * 1024
