@@ -347,7 +347,9 @@ def read_table(path: str | Path) -> dict[tuple[str, str], dict[str, object]]:
 def _estimate(case: Case) -> int:
     """A rough shared-memory size of a case, to sample the largest when no committed table says."""
     c = case.constexprs
-    width = c.get("BLOCK_D", c.get("BLOCK_N", 128))
+    if "BLOCK_D" not in c:
+        return 0  # not a tiled attention kernel: small
+    width = c["BLOCK_D"]
     rows = c.get("BLOCK_M", c.get("BLOCK_Q", 1)) + c.get("BLOCK_N", 0)
     elsize = 4 if "*fp32" in (case.signature.get("Q"), case.signature.get("QKV"), case.signature.get("X")) else 2
     return rows * width * elsize * case.num_stages
@@ -405,7 +407,8 @@ def main(argv=None) -> int:
     if args.sample:
         problems = [msg for arch in archs for msg in check_sample(arch, families, args.tables, args.sample)]
         print("\n".join(problems) or f"{', '.join(target_name(a) for a in archs)}: the {args.sample} largest "
-              f"configs of each fit, and the tables list the configs the launchers pick")
+              f"configs of each fit (and the committed tables, where there are any, list the configs the launchers "
+              f"pick)")
         return 1 if problems else 0
     summaries = []
     for arch in archs:
