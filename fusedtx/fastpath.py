@@ -180,12 +180,13 @@ def _grid_source(size: int, padded: int, shift: int, order: str, device) -> torc
 
 @functools.lru_cache(maxsize=64)
 def window_geometry(h: int, w: int, window_size: tuple[int, int], shift_size: tuple[int, int], order: str,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                    device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                    torch.Tensor]:
     """Built once per (map size, window, shift, order, device), then cached (bounded):
 
     * ``gather`` (windows·N,): for the N tokens of each window of the shifted, padded grid (windows and
-      their tokens in row-major order), the flat map position it reads (0 for padding);
+      their tokens in row-major order), the flat map position it reads (0 for padding); None when that is
+      the identity (one unshifted window covering the map: timm's pre-partitioned windows);
     * ``padding`` (P,): the positions in that order that are padding (they hold the qkv bias);
     * ``scatter`` (H·W, 2): for each map position, (window, token) where its output is, which undoes the
       partition, the shift and the padding in one gather;
@@ -211,7 +212,8 @@ def window_geometry(h: int, w: int, window_size: tuple[int, int], shift_size: tu
     if sh or sw:
         shift = reference.shift_mask((hp, wp), window_size, (sh, sw), torch.float32, device)[:, None]
     rel_index = reference.relative_position_index(window_size, device).reshape(-1)
-    return gather, pad.nonzero().squeeze(1), scatter, shift, rel_index
+    identity = bool((gather == order_pos).all()) and not pad.any()
+    return None if identity else gather, pad.nonzero().squeeze(1), scatter, shift, rel_index
 
 
 def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads, qkv_bias=None, scale=None,
@@ -223,8 +225,10 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
     head_dim = c // num_heads
     shift_size = reference.effective_shift((h, w), window_size, shift_size, order)
     gather, padding, scatter, shift, rel_index = window_geometry(h, w, window_size, shift_size, order, qkv.device)
-    windows = gather.numel() // n
-    x = qkv.reshape(bsz, h * w, c3).index_select(1, gather)
+    windows = scatter.shape[0] // n if gather is None else gather.numel() // n
+    x = qkv.reshape(bsz, h * w, c3)
+    if gather is not None:
+        x = x.index_select(1, gather)
     if padding.numel():
         # The stock modules pad before the qkv Linear: padded tokens hold its bias (zeros without one).
         fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)
@@ -243,6 +247,9 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
     result = attention(q, k, v, bias.to(qkv.dtype), scale=scale, dropout_p=dropout_p, return_lse=return_lse)
     out = result[0] if return_lse else result
     # (B·windows, heads, N, head_dim) -> the map: one gather by (window, token) of each map position.
-    win = (torch.arange(bsz, device=qkv.device) * windows)[:, None] + scatter[:, 0]
-    out = out.transpose(1, 2)[win, scatter[:, 1]].reshape(bsz, h, w, c)
+    if gather is None:
+        out = out.transpose(1, 2).reshape(bsz, h, w, c)
+    else:
+        win = (torch.arange(bsz, device=qkv.device) * windows)[:, None] + scatter[:, 0]
+        out = out.transpose(1, 2)[win, scatter[:, 1]].reshape(bsz, h, w, c)
     return (out, result[1]) if return_lse else out

@@ -170,7 +170,11 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
     rules = [r for r in RULES if enabled[r.family]]
     by_class = {cls: r for r in rules for cls in r.classes}
     report = SwapReport(model)
-    _swap_children(model, "", by_class, rules, report)
+    rule = by_class.get(_class_name(model))
+    if rule is not None and rule.installs is not None:  # swap(block) itself: its path is installed in place
+        _install(model, "", rule, by_class, rules, report)
+    else:
+        _swap_children(model, "", by_class, rules, report)
     return report
 
 
@@ -227,7 +231,7 @@ def _install(module: nn.Module, qualified: str, rule: Rule, by_class: dict[str, 
             object.__setattr__(module, "_fusedtx_installed", rule)
             report.replaced[rule.kind] += 1
     skip = rule.skip if "_fusedtx_installed" in module.__dict__ else ()  # installed now or by an earlier swap
-    _swap_children(module, f"{qualified}.", by_class, rules, report, skip)
+    _swap_children(module, f"{qualified}." if qualified else "", by_class, rules, report, skip)
 
 
 def unswap(model: nn.Module) -> nn.Module:

@@ -236,3 +236,17 @@ def test_hugging_face_head_mask_takes_the_modules_eager_path():
     with pytest.warns(UserWarning, match="head_mask"):
         out, _ = fusedtx.nn.attention.hf_attention_forward(ViTSelfAttention(), q, k, v, head_mask, scaling=0.25)
     assert_close(out, eager_attention_forward(None, q, k, v, head_mask, 0.25)[0], torch.float32, tol=1e-6)
+
+
+def test_swapping_a_timm_swin_block_itself_installs_its_fused_path():
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    block = SwinTransformerBlock(32, (13, 13), num_heads=2, window_size=7, shift_size=3).to(DEVICE).eval()
+    x = torch.randn(2, 13, 13, 32, device=DEVICE)
+    with torch.no_grad():
+        want = block(x)
+        report = swap(block)
+        assert "_attn" in block.__dict__ and report.replaced["timm Swin block attention"] == 1
+        assert_close(block(x), want, torch.float32, tol=1e-5)
+    unswap(block)
+    assert "_attn" not in block.__dict__
