@@ -182,7 +182,8 @@ def _attention_case(kind: str, dtype: str, d: int, has_bias: bool, masked: bool,
     sig.update({n: "*fp32" for n in ("Lse", "Delta") if n in sig})
     sig.update(KPM="*u8", qk_scale="fp32", **({"sm_scale": "fp32"} if "sm_scale" in sig else {}))
     bm, bn, warps, stages = config
-    consts = dict(HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=masked, CAUSAL=masked)
+    consts = dict(HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=masked, CAUSAL=masked,
+                  PRECISION="tf32")  # fp32 dots as with torch.backends.cuda.matmul.allow_tf32 on
     consts.update({n: 1 for n in _ATTENTION_UNIT_STRIDES if n in sig})
     if kind == "dbias":
         consts["SUM_ROWS"] = False
@@ -233,7 +234,7 @@ def _window_case(kind: str, dtype: str, ws: int, d: int, config) -> tuple:
     tokens = ws * ws
     bm, bn, warps, stages = config
     consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
-                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False)
+                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False, PRECISION="tf32")  # fp32: allow_tf32 on
     consts.update({n: 1 for n in _WINDOW_UNIT_STRIDES if n in sig})
     if kind == "bwd":
         consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True, STAGES=stages)

@@ -1,7 +1,9 @@
 """Triton flash attention: softmax(q·kᵀ·scale + bias, masked)·v, forward and backward, O(N) memory.
 
 Tensors are (batch, heads, seq, head_dim) with any strides; Nq may differ from Nk. Everything is
-computed in fp32 (fp16/bf16 operands feed the tensor cores; fp32 operands use tf32 dots on CUDA).
+computed in fp32 (fp16/bf16 operands feed the tensor cores). fp32 dots follow PyTorch's matmul switch
+(``torch.backends.cuda.matmul.allow_tf32``: tf32 when on, ieee when off), read at launch into the
+``PRECISION`` constexpr of every kernel (:func:`fusedtx.kernels.support.dot_precision`).
 
 Forward (one program per (batch·head, query block), a 1-D grid so batch·heads is not capped at
 65,535): a query block stays in registers while the program walks the key/value blocks once,
@@ -54,7 +56,7 @@ from fusedtx.kernels.softmax_core import (
     scores,
     softmax_bwd,
 )
-from fusedtx.kernels.support import empty_bnhd, interpreter_enabled
+from fusedtx.kernels.support import dot_precision, empty_bnhd, interpreter_enabled
 from fusedtx.kernels.tuning import device_family, launch
 
 # --------------------------------------------------------------------------------------------------
@@ -115,14 +117,15 @@ def _split_pid(pid, n_blocks, H, REVERSE: tl.constexpr):
 def _fwd_key_loop(acc, m_i, l_i, q, Ks, Vs, Bs, Ms, offs_m, lo, hi, Nq, Nk, qk_scale,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(Ks, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
         v = _load_rows(Vs, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
         s = scores(q, k, qk_scale, Bs, Ms, offs_m[:, None], offs_n[None, :], Nq, Nk,
-                   stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED)
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v)
+                   stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED, PRECISION)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
 
 
@@ -137,7 +140,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_on, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, qb = _split_pid(tl.program_id(0), n_qblocks, H, CAUSAL)
     Bs = _slice(Bias, b, h, stride_bb, stride_bh)
@@ -154,10 +157,10 @@ def _attn_fwd_kernel(
     full, hi = _key_range(m0, Nk, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, Ks, Vs, Bs, Ms, offs_m, 0, full, Nq, Nk, qk_scale,
                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, False)
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, False, PRECISION)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, Ks, Vs, Bs, Ms, offs_m, full, hi, Nq, Nk, qk_scale,
                                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                                  HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, True)
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, True, PRECISION)
     out, lse = finish_rows(acc, m_i, l_i)
     _store_rows(_slice(Out, b, h, stride_ob, stride_oh), offs_m, Nq, stride_on, stride_od, out, HEAD_DIM, BLOCK_D)
     tl.store(Lse + (b * H + h).to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
@@ -187,7 +190,8 @@ def _attn_bwd_delta_kernel(
 def _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, lo, hi, Nq, Nk, qk_scale,
                      stride_qn, stride_qd, stride_gn, stride_gd, stride_bm, stride_bn, stride_mn,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
     # Transposed tiles (keys x queries), so that dV += Pᵀ·dO and dK += dSᵀ·Q need no register transpose.
     # Query rows >= Nq load as zero with lse = +inf: they add exactly nothing.
     for start_m in range(lo, hi, BLOCK_M):
@@ -195,13 +199,13 @@ def _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, lo, hi, Nq, 
         q = _load_rows(Qs, offs_m, Nq, stride_qn, stride_qd, HEAD_DIM, BLOCK_D)
         do = _load_rows(DOs, offs_m, Nq, stride_gn, stride_gd, HEAD_DIM, BLOCK_D)
         st = scores(k, q, qk_scale, Bs, Ms, offs_m[None, :], offs_n[:, None], Nq, Nk,
-                    stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED)
+                    stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED, PRECISION)
         lse2 = lse_log2(Ls, offs_m, Nq)
         delta = tl.load(Ds + offs_m, mask=offs_m < Nq, other=0.0)
-        dpt = tl.dot(v, tl.trans(do))
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         pt, dst = softmax_bwd(st, lse2[None, :], dpt, delta[None, :])
-        dv += tl.dot(pt.to(do.dtype), do)
-        dk += tl.dot(dst.to(q.dtype), q)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -217,7 +221,7 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_xb, stride_xh, stride_xn, stride_xd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, kb = _split_pid(tl.program_id(0), n_kblocks, H, False)
     n0 = kb * BLOCK_N
@@ -242,11 +246,11 @@ def _attn_bwd_dkdv_kernel(
         full = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, tl.cdiv(Nq, BLOCK_M) * BLOCK_M)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, lo, full, Nq, Nk, qk_scale,
                                   stride_qn, stride_qd, stride_gn, stride_gd, stride_bm, stride_bn, stride_mn,
-                                  HEAD_DIM, BLOCK_D, BLOCK_M, HAS_BIAS, HAS_KPM, CAUSAL, True)
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, HAS_BIAS, HAS_KPM, CAUSAL, True, PRECISION)
     # Key rows >= Nk of this block are never stored, so the remaining tiles need no key mask.
     dk, dv = _dkdv_query_loop(dk, dv, k, v, Qs, DOs, Bs, Ms, Ls, Ds, offs_n, full, Nq, Nq, Nk, qk_scale,
                               stride_qn, stride_qd, stride_gn, stride_gd, stride_bm, stride_bn, stride_mn,
-                              HEAD_DIM, BLOCK_D, BLOCK_M, HAS_BIAS, HAS_KPM, CAUSAL, False)
+                              HEAD_DIM, BLOCK_D, BLOCK_M, HAS_BIAS, HAS_KPM, CAUSAL, False, PRECISION)
     _store_rows(_slice(DK, b, h, stride_xb, stride_xh), offs_n, Nk, stride_xn, stride_xd, dk * sm_scale,
                 HEAD_DIM, BLOCK_D)
     _store_rows(_slice(DV, b, h, stride_xb, stride_xh), offs_n, Nk, stride_xn, stride_xd, dv, HEAD_DIM, BLOCK_D)
@@ -256,16 +260,17 @@ def _attn_bwd_dkdv_kernel(
 def _dq_key_loop(dq, q, do, lse2, delta, Ks, Vs, Bs, Ms, offs_m, lo, hi, Nq, Nk, qk_scale,
                  stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                  PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(Ks, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
         v = _load_rows(Vs, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
         s = scores(q, k, qk_scale, Bs, Ms, offs_m[:, None], offs_n[None, :], Nq, Nk,
-                   stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED)
-        dp = tl.dot(do, tl.trans(v))
+                   stride_bm, stride_bn, stride_mn, HAS_BIAS, HAS_KPM, CAUSAL, MASKED, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         _, ds = softmax_bwd(s, lse2[:, None], dp, delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
@@ -281,7 +286,7 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_xb, stride_xh, stride_xn, stride_xd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, qb = _split_pid(tl.program_id(0), n_qblocks, H, CAUSAL)
     m0 = qb * BLOCK_M
@@ -300,10 +305,10 @@ def _attn_bwd_dq_kernel(
     full, hi = _key_range(m0, Nk, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _dq_key_loop(dq, q, do, lse2, delta, Ks, Vs, Bs, Ms, offs_m, 0, full, Nq, Nk, qk_scale,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                      HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, False)
+                      HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, False, PRECISION)
     dq = _dq_key_loop(dq, q, do, lse2, delta, Ks, Vs, Bs, Ms, offs_m, full, hi, Nq, Nk, qk_scale,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn, stride_mn,
-                      HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, True)
+                      HEAD_DIM, BLOCK_D, BLOCK_N, HAS_BIAS, HAS_KPM, CAUSAL, True, PRECISION)
     _store_rows(_slice(DQ, b, h, stride_xb, stride_xh), offs_m, Nq, stride_xn, stride_xd, dq * sm_scale,
                 HEAD_DIM, BLOCK_D)
 
@@ -320,7 +325,7 @@ def _attn_bwd_dbias_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     stride_xb, stride_xh, stride_xm,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SUM_ROWS: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, SUM_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # The program owns one tile of dbias in the bias's own shape (DB, DH, Nq or 1, Nk): bias batch
     # index bb, head index hh, query tile qt (0 when SUM_ROWS), key block kb. The (batch, head) pairs
@@ -353,10 +358,10 @@ def _attn_bwd_dbias_kernel(
                                 HEAD_DIM, BLOCK_D)
                 s = scores(q, k, qk_scale, _slice(Bias, b, h, stride_bb, stride_bh), Ms,
                            offs_m[:, None], offs_n[None, :], Nq, Nk, stride_bm, stride_bn, stride_mn,
-                           True, HAS_KPM, CAUSAL, True)
+                           True, HAS_KPM, CAUSAL, True, PRECISION)
                 delta = tl.load(Delta + row + offs_m, mask=offs_m < Nq, other=0.0)
-                _, ds = softmax_bwd(s, lse_log2(Lse + row, offs_m, Nq)[:, None], tl.dot(do, tl.trans(v)),
-                                    delta[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                _, ds = softmax_bwd(s, lse_log2(Lse + row, offs_m, Nq)[:, None], dp, delta[:, None])
                 acc += ds
     DBs = DBias + bb.to(tl.int64) * stride_xb + hh.to(tl.int64) * stride_xh
     if SUM_ROWS:
@@ -495,7 +500,7 @@ def attention_fwd(
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
             HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, BLOCK_N=block_n,
             HAS_BIAS=bias is not None, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
-            num_warps=warps, num_stages=stages,
+            PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
         )
 
     has_bias = bias is not None
@@ -533,7 +538,8 @@ def attention_bwd(
         return dq, dk, dv, dbias
     bd = block_d(d)
     (bias_ptr, kpm_ptr), mask_strides = _optional_args(q, bias, key_padding_mask)
-    common = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_KPM=key_padding_mask is not None, CAUSAL=causal)
+    common = dict(HEAD_DIM=d, BLOCK_D=bd, HAS_KPM=key_padding_mask is not None, CAUSAL=causal,
+                  PRECISION=dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
 
     delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)

@@ -41,7 +41,7 @@ _PI_OVER_2 = tl.constexpr(1.5707963267948966)
 # 1.5 * 2^52: adding it to an fp64 |v| < 2^51 rounds v to an integer, which then sits in the low mantissa bits.
 _ROUND_SHIFT = tl.constexpr(6755399441055744.0)
 # Positions are clamped to +-2^48, so |angle| * 2/pi < 2^51 (the shift's range). Far beyond any position
-# id; float64 itself resolves the angle only to |angle| * 2^-53 (1e-6 is lost above ~2^33).
+# id; float64 itself resolves the angle only to |angle| * 2^-53 (1e-6 is lost above ~2^32).
 _MAX_POSITION = tl.constexpr(2**48)
 
 

@@ -36,7 +36,8 @@ def add_bias(s, Bias, qi, kj, Nq, Nk, stride_bm, stride_bn):
 
 @triton.jit
 def scores(a, b, qk_scale, Bias, KPM, qi, kj, Nq, Nk, stride_bm, stride_bn, stride_mn,
-           HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+           HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+           PRECISION: tl.constexpr):
     """One tile of attention scores in log2 units: ``(a @ bᵀ)·qk_scale [+ bias·log2(e)]``, -inf where masked.
 
     ``a`` (R, BLOCK_D) and ``b`` (C, BLOCK_D) are the row and column operands: (q, k) for a
@@ -47,9 +48,10 @@ def scores(a, b, qk_scale, Bias, KPM, qi, kj, Nq, Nk, stride_bm, stride_bn, stri
     ``MASKED`` applies ``kj < Nk`` and, with ``CAUSAL``, ``kj <= qi``: tiles that need neither may
     skip them. Padding and bias -inf masking apply always. (Window attention calls it for dot·scale and
     the window's key mask, then adds its table bias, shift mask and optional mask, the last with
-    :func:`add_bias`.)
+    :func:`add_bias`.) ``PRECISION`` is tl.dot's input precision for float32 operands ("tf32" or "ieee",
+    :func:`fusedtx.kernels.support.dot_precision`), as in every dot of the attention kernels.
     """
-    s = tl.dot(a, tl.trans(b)) * qk_scale
+    s = tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s = add_bias(s, Bias, qi, kj, Nq, Nk, stride_bm, stride_bn)
     if HAS_KPM:
@@ -64,7 +66,7 @@ def scores(a, b, qk_scale, Bias, KPM, qi, kj, Nq, Nk, stride_bm, stride_bn, stri
 
 
 @triton.jit
-def online_softmax_step(acc, m_i, l_i, s, v):
+def online_softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
     """Fold one key block into the running state of a query block (the flash-attention recurrence).
 
     ``s`` (BLOCK_M, BLOCK_N) fp32 scores in log2 units from :func:`scores` (-inf = masked);
@@ -79,7 +81,7 @@ def online_softmax_step(acc, m_i, l_i, s, v):
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 

@@ -38,6 +38,26 @@ def window_fp32_backward_covers(tokens: int, head_dim: int) -> bool:
     return tokens <= 64 or head_dim <= 32
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton's dot input precision for operands of ``dtype``: the ``PRECISION`` constexpr the attention
+    launchers pass to their kernels, read at every launch (so a changed switch compiles the other variant).
+
+    float32 follows PyTorch's own switch for float32 matmuls, as stock attention does:
+    ``torch.backends.cuda.matmul.allow_tf32`` (also set through ``torch.backends.cuda.matmul.fp32_precision``
+    and ``torch.set_float32_matmul_precision``) gives "tf32" when on and "ieee" (full float32) when off,
+    PyTorch's default. float16 / bfloat16 operands take Triton's default (the precision applies to float32
+    only)."""
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; reading allow_tf32 may raise there
+    if precision is None:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if precision == "none":  # not set for matmul: the global setting decides
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if precision == "tf32" else "ieee"
+
+
 def empty_bnhd(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
     """An empty (B, H, N, D) tensor laid out (B, N, H, D) in memory: the layout the attention kernels write
     (so merging heads afterwards, ``.transpose(1, 2).reshape(B, N, H * D)``, is free). Every backend returns

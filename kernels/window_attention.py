@@ -55,7 +55,7 @@ from fusedtx.kernels.softmax_core import (
     scores,
     softmax_bwd,
 )
-from fusedtx.kernels.support import interpreter_enabled
+from fusedtx.kernels.support import dot_precision, interpreter_enabled
 from fusedtx.kernels.tuning import device_family, launch
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -142,7 +142,8 @@ def _load_keys(ptr, rows, real, inside, Fill, stride_c, stride_f, HEAD_DIM: tl.c
 
 @triton.jit
 def _window_scores(a, b, qk_scale, Tb, stride_t, Mg, stride_mi, stride_mj, iq, ik, cq, ck,
-                   WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr):
+                   WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Log2-unit scores of a tile: the core's :func:`scores` (keys past the window -inf) plus the relative
     position bias, the shift mask and the optional mask.
 
@@ -151,7 +152,7 @@ def _window_scores(a, b, qk_scale, Tb, stride_t, Mg, stride_mi, stride_mj, iq, i
     broadcast to the tile. ``Tb`` points at this head's table entry of relative offset (0, 0): the table
     row of a pair is that plus the difference of their bias coordinates, always inside the table."""
     n = WH * WW
-    s = scores(a, b, qk_scale, Tb, Tb, iq, ik, n, n, 0, 0, 0, False, False, False, True)
+    s = scores(a, b, qk_scale, Tb, Tb, iq, ik, n, n, 0, 0, 0, False, False, False, True, PRECISION)
     bias = tl.load(Tb + ((cq >> 4) - (ck >> 4)) * stride_t)
     s += bias.to(tl.float32) * _LOG2E
     if SHIFTED:
@@ -211,7 +212,7 @@ def _window_attn_fwd_kernel(
     stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
-    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     N = WH * WW
     offs_m, h, g, b, wy, wx = _query_program(heads, n_wy, n_wx, N, BLOCK_M)
@@ -230,8 +231,9 @@ def _window_attn_fwd_kernel(
                                   stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
                                   TORCHVISION, HAS_FILL)
         s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_m[:, None],
-                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK)
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v)
+                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK,
+                           PRECISION)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
     out, lse = finish_rows(acc, m_i, l_i)
     _store_rows(Out + b.to(tl.int64) * stride_ob + h * HEAD_DIM * stride_oc, yq * stride_oh + xq * stride_ow,
                 real_q, stride_oc, out, HEAD_DIM, BLOCK_D)
@@ -280,7 +282,7 @@ def _window_attn_bwd_kernel(
     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
     HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_DQ: tl.constexpr, TABLE_GRAD: tl.constexpr,
-    FILL_GRAD: tl.constexpr, STAGES: tl.constexpr,
+    FILL_GRAD: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Tiles are (all queries of the window) x (this program's keys); the program walks windows
     # g0 .. g0 + per_group - 1 in order, so its partial sums are deterministic.
@@ -310,16 +312,17 @@ def _window_attn_bwd_kernel(
                                          BLOCK_D, TORCHVISION, HAS_FILL)
         Mg = Mask + (g % n_mask) * stride_m0
         s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_q[:, None],
-                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK)
-        p, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v)), delta[:, None])
-        dv = tl.dot(tl.trans(p).to(do.dtype), do)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q) * sm_scale
+                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK,
+                           PRECISION)
+        p, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v), input_precision=PRECISION), delta[:, None])
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * sm_scale
         out = DQKV + b.to(tl.int64) * stride_xb + h * HEAD_DIM * stride_xc
         rows = yk * stride_xh + xk * stride_xw
         _store_rows(out + C * stride_xc, rows, real_k, stride_xc, dk, HEAD_DIM, BLOCK_D)
         _store_rows(out + 2 * C * stride_xc, rows, real_k, stride_xc, dv, HEAD_DIM, BLOCK_D)
         if FUSE_DQ:  # this block holds every key of the window: dQ = dS·K is complete
-            dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
             _store_rows(out, yq * stride_xh + xq * stride_xw, real_q, stride_xc, dq, HEAD_DIM, BLOCK_D)
         if FILL_GRAD:  # padding keys and values are the qkv bias: their gradients go to it
             pad = ((offs_n < N) & ~real_k)[:, None]
@@ -349,7 +352,7 @@ def _window_attn_bwd_dq_kernel(
     stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
-    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dQ of one query block of one window and head, walking the window's key blocks.
     N = WH * WW
@@ -367,9 +370,10 @@ def _window_attn_bwd_dq_kernel(
                                   stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
                                   TORCHVISION, HAS_FILL)
         s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_m[:, None],
-                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK)
-        _, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v)), delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+                           offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK,
+                           PRECISION)
+        _, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v), input_precision=PRECISION), delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_rows(DQKV + b.to(tl.int64) * stride_xb + h * HEAD_DIM * stride_xc, yq * stride_xh + xq * stride_xw,
                 real_q, stride_xc, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
@@ -511,7 +515,8 @@ def _common_args(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads,
     tail = (*table.stride(), fill_stride, *mask_strides)
     consts = dict(WH=wh, WW=ww, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), SHIFTED=bool(sh or sw),
                   TORCHVISION=order == "torchvision", HAS_FILL=qkv_bias is not None,
-                  HAS_MASK=mask is not None)
+                  HAS_MASK=mask is not None,
+                  PRECISION=dot_precision(qkv.dtype))
     return ptrs, geometry, tail, consts, bsz * n_wy * n_wx
 
 
