@@ -130,11 +130,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[st
 
 def peak_rss_mb(case: str, impl: str, quick: bool) -> float:
     """The RSS high-water mark (MiB) of a fresh process that builds ``case`` and runs ``impl`` once."""
-    code = ("import resource, sys, torch, fusedtx; from fusedtx.bench import bench_cpu as b\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child would report its parent's peak.
+    code = ("import sys, torch, fusedtx\n"
+            "from fusedtx.bench import bench_cpu as b\n"
+            "from fusedtx.profile import PeakMemory\n"
             "case, impl, quick = sys.argv[1], sys.argv[2], sys.argv[3] == '1'\n"
             "with fusedtx.use_backend('torch'), torch.inference_mode():\n"
             "    b.CASES[case](quick)[impl]()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            "print(PeakMemory(torch.device('cpu')).read())")
     out = subprocess.run([sys.executable, "-c", code, case, impl, "1" if quick else "0"], capture_output=True,
                          text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
