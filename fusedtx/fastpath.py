@@ -99,6 +99,9 @@ def attention(q, k, v, bias=None, key_padding_mask=None, causal=False, scale=Non
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                               scale=scale)
     if q.device.type == "cpu" and dropout_p == 0:
+        # The kernel itself reads the last dim as contiguous (SDPA's front end copies such inputs; this
+        # call must do it): a head dim with a stride gave garbage.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
                                                                           scale=scale)
     return reference.attention(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, return_lse=True)

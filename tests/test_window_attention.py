@@ -412,9 +412,18 @@ def test_torch_compile_fullgraph():
     # On the CPU aot_eager checks the graph (one piece, fake impls, autograd) without compiling C++.
     compiled = torch.compile(m, fullgraph=True, backend="inductor" if ON_CUDA else "aot_eager")
     y = compiled(x)
-    y.sum().backward()
-    assert_close(y, m(x), torch.float32, tol=dot_tolerance(torch.float32))
-    assert torch.isfinite(x.grad).all()
+    dy = torch.randn_like(y)
+    params = (m.qkv.weight, m.qkv.bias, m.relative_position_bias_table)
+    grads = torch.autograd.grad(y, (x, *params), dy)
+    m64 = copy.deepcopy(m).double()  # float64 runs the reference
+    x64 = x.detach().double().requires_grad_()
+    ref = m64(x64)
+    ref_grads = torch.autograd.grad(ref, (x64, m64.qkv.weight, m64.qkv.bias, m64.relative_position_bias_table),
+                                    dy.double())
+    tol = dot_tolerance(torch.float32)
+    assert_close(y, ref, torch.float32, "output", tol=tol)
+    for g, rg, name in zip(grads, ref_grads, ("dx", "dqkv.weight", "dqkv.bias", "dtable"), strict=True):
+        assert_close(g, rg, torch.float32, name, tol=tol)
 
 
 def test_custom_op_registration():

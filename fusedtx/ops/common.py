@@ -115,5 +115,17 @@ def vjp(fn: Callable[..., Tensor], args: tuple, wrt: tuple[bool, ...], cotangent
             full[i] = p
         return fn(*full)
 
-    grads = iter(torch.func.vjp(forward, *(args[i] for i in chosen))[1](cotangent))
+    # Under a TorchDispatchMode (FlopCounterMode, opcheck's checks) the op runs with functorch's dispatch
+    # keys excluded, and torch.func.vjp would hand its wrapper tensors to the CPU kernels ("Cannot access
+    # data pointer of Tensor that doesn't have storage"): give functorch its keys back for the call.
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _FUNCTORCH_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        grads = iter(torch.func.vjp(forward, *(args[i] for i in chosen))[1](cotangent))
     return [next(grads) if w else None for w in wrt]
+
+
+_FUNCTORCH_KEYS = tuple(getattr(torch._C.DispatchKey, name) for name in (
+    "FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchGradWrapper", "FuncTorchBatched",
+    "FuncTorchVmapMode"))

@@ -106,7 +106,7 @@ def _add_sinusoidal(x: Tensor, positions: Tensor | None, offset: int, base: floa
     if backend == "torch":
         return fastpath.add_sinusoidal(x, positions, offset, base, layout)
     out = reference.add_sinusoidal(x.to(torch.float64), positions, offset, base, layout)
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    return out.to(x.dtype).contiguous()  # for float64 x, .to() is x's own layout: the fake says contiguous
 
 
 @_add_sinusoidal.register_fake
@@ -124,7 +124,7 @@ def _add_sincos_2d(x: Tensor, grid_h: int, grid_w: int, num_prefix_tokens: int, 
     if backend == "torch":
         return fastpath.add_sincos_2d(x, grid_h, grid_w, num_prefix_tokens, base, layout)
     out = reference.add_sincos_2d(x.to(torch.float64), grid_h, grid_w, num_prefix_tokens, base, layout)
-    return out.to(x.dtype, memory_format=torch.contiguous_format)
+    return out.to(x.dtype).contiguous()  # for float64 x, .to() is x's own layout: the fake says contiguous
 
 
 @_add_sincos_2d.register_fake
