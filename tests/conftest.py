@@ -6,8 +6,13 @@ run on CPU tensors in Triton's interpreter: CI exercises the kernels themselves,
 
 import os
 import sys
+import tempfile
 
 import torch
+
+# Inductor's graph caches are keyed on the graph, not on our custom ops' fake implementations: a cache
+# written by an earlier checkout would replay its fakes' strides. Each test run compiles afresh.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedtx-tests-inductor-")
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

@@ -159,3 +159,21 @@ def test_compiled_swin_stem_matches_eager_and_reference():
     for name, g, e, r in zip(names, got, eager, ref, strict=True):
         assert_close(g, e, torch.float32, f"{name} (compiled vs eager)", tol=tol)
         assert_close(g, r, torch.float32, f"{name} (compiled vs float64)", tol=tol)
+
+
+@pytest.mark.parametrize("backend", [b for b in _backend.BACKENDS if b != "auto"])
+def test_compiled_layer_norm_of_a_permuted_map(backend):
+    """The stem norm's input exactly as Swin and torchvision pass it: an NCHW map viewed NHWC, which
+    Inductor keeps as a permuted view (layout optimization off, so nothing makes it contiguous first)."""
+    c = torch.randn(2, 24, 9, 11, device=DEVICE, requires_grad=True)
+    w, b = (torch.randn(24, device=DEVICE, requires_grad=True) for _ in range(2))
+    fn = lambda c, w, b: fusedtx.layer_norm(c.permute(0, 2, 3, 1), w, b)
+    with fusedtx.use_backend(backend), torch._inductor.config.patch(layout_optimization=False):
+        out = torch.compile(fn, backend="inductor", fullgraph=True)(c, w, b)
+        dy = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (c, w, b), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (c, w, b)]
+    ref = torch.nn.functional.layer_norm(leaves64[0].permute(0, 2, 3, 1), (24,), leaves64[1], leaves64[2])
+    assert_close(out, ref, torch.float32, "out")
+    for name, g, r in zip(("dc", "dw", "db"), grads, torch.autograd.grad(ref, leaves64, dy.double()), strict=True):
+        assert_close(g, r, torch.float32, name, tol=1e-4)
