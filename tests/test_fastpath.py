@@ -44,7 +44,8 @@ def test_layer_norm_gelu(dtype, activation, residual):
     g = torch.randn_like(y_ref)
     for name, got, want in zip(("dx", "dw", "db"), _grads(y, (x, w, b), g), _grads(y_ref, tuple(args64), g),
                                strict=True):
-        assert_close(got, want, dtype, name, tol=4 * TOL[dtype])
+        # fp16 gradients pass through PyTorch's own fp16 kernels, each rounding its output
+        assert_close(got, want, dtype, name, tol=(4 if dtype == torch.float32 else 8) * TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -21,6 +21,9 @@ def test_one_wrong_row_fails_though_the_norm_criterion_passes(wrong):
     half its value, or never written (zeros). That row carries 1/64 of the tensor's norm, so the
     norm-relative error stays within bf16's bound; the per-row criterion must reject it."""
     out, ref = _bf16_result()
+    # The tail row at 0.8 of the typical row norm, so the norm criterion's verdict does not hang on how
+    # large a random row came out (a zeroed row of typical norm sits right at bf16's bound).
+    ref[-1] *= 0.8 * ref.norm(dim=1).square().mean().sqrt() / ref[-1].norm()
     out[-1] = (ref[-1] * 0.5).to(BF16) if wrong == "half" else 0
     bound = TOLERANCE[BF16]
     assert rel_error(out, ref) <= bound  # the old criterion accepts it
