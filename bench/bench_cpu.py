@@ -114,12 +114,17 @@ CASES: dict[str, Callable[[bool], dict[str, Callable[[], object]]]] = {
 }
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median ms of each callable, the callables taking turns (after one warm-up call each)."""
+def time_interleaved(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
+    """Median ms of each callable, the callables taking turns (after one warm-up call each), for as many
+    rounds as fit in ``budget_s`` (at least ``min_reps``, at most 200): short ops get enough rounds for a
+    stable median."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
+        t0 = time.perf_counter()
         for fn in fns.values():
             fn()
+        round_s = time.perf_counter() - t0
+        reps = max(min_reps, min(200, int(budget_s / max(round_s, 1e-6))))
         for _ in range(reps):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
@@ -205,12 +210,10 @@ def run(out_dir: Path | str, quick: bool = False, device: torch.device | None = 
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"device must be the CPU for the CPU bench, got {device}")
     table = CpuTable()
-    reps = 3 if quick else 7
     for case, make in CASES.items():
         with fusedtx.use_backend("torch"):
             fns = make(quick)
-            model_reps = reps if "timm" not in case or quick else 3
-            ms = time_interleaved(fns, model_reps)
+            ms = time_interleaved(fns, budget_s=0.5 if quick else 6.0, min_reps=3 if quick else 5)
             del fns
         for impl in (STOCK, FUSEDTX):
             table.rows.append({"case": case, "impl": impl, "ms": ms[impl], "peak_mb": peak_rss_mb(case, impl, quick)})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import os
 import statistics
 import sys
@@ -108,6 +109,10 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.cpu_supported():
+            # Memory an earlier model freed stays in the allocator's heap, resident, and would count
+            # toward the next model's peak: hand it back to the system first.
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")
 
     def read(self) -> float:
