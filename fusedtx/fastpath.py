@@ -31,13 +31,14 @@ from fusedtx import reference
 
 
 def _activate(z: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "gelu":
-        return F.gelu(z)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if name == "relu":
-        return F.relu(z)
-    return z
+    """The activation of the fresh LayerNorm output ``z``, in place when autograd is not recording: a second
+    output buffer costs more than the activation on a CPU (a new 25 MB tensor is 6,000 page faults)."""
+    if name == "none":
+        return z
+    approximate = "tanh" if name == "gelu_tanh" else "none"
+    if torch.is_grad_enabled():
+        return F.relu(z) if name == "relu" else F.gelu(z, approximate=approximate)
+    return z.relu_() if name == "relu" else torch.ops.aten.gelu_(z, approximate=approximate)
 
 
 def layer_norm_gelu(x, weight=None, bias=None, eps=1e-5, activation="gelu", residual=None, return_stats=False):
@@ -256,3 +257,88 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
         win = (torch.arange(bsz, device=qkv.device) * windows)[:, None] + scatter[:, 0]
         out = out.transpose(1, 2)[win, scatter[:, 1]].reshape(bsz, h, w, c)
     return (out, result[1]) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------------
+# highres
+# --------------------------------------------------------------------------------------------------
+
+# B columns per matmul in match_tokens: the (Na, chunk) score block is all that exists at once.
+MATCH_CHUNK = 1024
+
+
+def patch_scores(images, patch_size, method="variance"):
+    """:func:`fusedtx.reference.patch_scores` with pooling instead of unfolded copies: variance as
+    E[x^2] - E[x]^2 from two average pools (accumulated about the image's mean, so the subtraction does not
+    cancel), gradient energy from one shifted difference per axis with the cross-patch pairs zeroed."""
+    p = patch_size
+    b, c, h, w = images.shape
+    gh, gw = h // p, w // p
+    x = images[:, :, : gh * p, : gw * p]
+    if x.dtype != torch.float64:
+        x = x.float()
+    if method == "variance":
+        x = x - x.mean(dim=(-1, -2), keepdim=True)
+        mean = F.avg_pool2d(x, p)
+        var = F.avg_pool2d(x * x, p) - mean * mean
+        return var.clamp_min_(0).mean(dim=1).reshape(b, gh * gw)
+    pairs = max(p * (p - 1), 1)
+    dx = (x[..., :, 1:] - x[..., :, :-1]).square()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).square()
+    if p > 1:
+        dx[..., :, p - 1::p] = 0  # pairs straddling two patches
+        dy[..., p - 1::p, :] = 0
+    dx = F.pad(dx, (0, 1))
+    dy = F.pad(dy, (0, 0, 0, 1))
+    energy = F.avg_pool2d(dx + dy, p, divisor_override=1) / pairs
+    return energy.mean(dim=1).reshape(b, gh * gw)
+
+
+def gather_tokens(tokens, index, pos=None, prefix=None):
+    """:func:`fusedtx.reference.gather_tokens`: one ``torch.gather`` per tensor (a shared position table is
+    read through a broadcast view, never copied per image), then one concatenation with the prefix."""
+    bsz, _, c = tokens.shape
+    idx = index[:, :, None].expand(bsz, index.shape[1], c)
+    rows = torch.gather(tokens, 1, idx)
+    if pos is not None:
+        picked = torch.gather(pos.expand(bsz, -1, -1), 1, idx)
+        if rows.dtype in (torch.float16, torch.bfloat16) or picked.dtype != rows.dtype:
+            ct = torch.float64 if rows.dtype == torch.float64 else torch.float32
+            rows = (rows.to(ct) + picked.to(ct)).to(tokens.dtype)
+        else:
+            rows = rows + picked
+    if prefix is None:
+        return rows
+    return torch.cat([prefix.to(tokens.dtype), rows], dim=1)
+
+
+def match_tokens(a, b, eps=1e-12):
+    """:func:`fusedtx.reference.match_tokens` streaming over B in chunks of ``MATCH_CHUNK`` with a running
+    max and argmax (the earlier chunk keeps ties), so no (Na, Nb) matrix exists at once."""
+    ct = torch.float64 if a.dtype == torch.float64 else torch.float32
+    an = F.normalize(a.to(ct), dim=-1, eps=eps)
+    nb = b.shape[1]
+    best = idx = None
+    for start in range(0, nb, MATCH_CHUNK):
+        bn = F.normalize(b[:, start:start + MATCH_CHUNK].to(ct), dim=-1, eps=eps)
+        score, arg = torch.bmm(an, bn.transpose(1, 2)).max(dim=-1)
+        if best is None:
+            best, idx = score, arg
+        else:
+            better = score > best
+            best = torch.where(better, score, best)
+            idx = torch.where(better, arg + start, idx)
+    if best is None:  # Nb == 0
+        raise ValueError("b must hold at least one token")
+    return best, idx
+
+
+def merge_weighted(xb, sb, xs, ss, dst):
+    """:func:`fusedtx.reference.merge_weighted` as two ``scatter_add``: weighted sums and sizes, then one
+    division."""
+    ct = torch.float64 if xb.dtype == torch.float64 else torch.float32
+    c = xb.shape[-1]
+    wsb, wss = sb.to(ct), ss.to(ct)
+    acc = (xb.to(ct) * wsb[..., None]).scatter_add_(1, dst[..., None].expand(-1, -1, c), xs.to(ct) * wss[..., None])
+    size = wsb.scatter_add(1, dst, wss)
+    return (acc / size[..., None]).to(xb.dtype), size.to(sb.dtype)
