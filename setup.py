@@ -17,13 +17,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["fusedtx", "fusedtx.nn", "fusedtx.ops", "fusedtx.kernels", "fusedtx.bench"],
+    packages=["fusedtx", "fusedtx.nn", "fusedtx.ops", "fusedtx.highres", "fusedtx.kernels", "fusedtx.bench"],
     package_dir={"fusedtx.kernels": "kernels", "fusedtx.bench": "bench"},
     # torch 2.11 (the GPU machine) through 2.14 (CI); Triton 3.6 through 3.9 ships beside them.
     install_requires=[
         "torch>=2.11,<2.15",
         "triton>=3.6,<3.10; platform_system == 'Linux'",
         "tqdm>=4.60",  # fusedtx profile's progress bar
+        "safetensors>=0.4",  # fusedtx profile --weights FILE.safetensors
     ],
     extras_require={
         "test": [

@@ -6,9 +6,10 @@ references in ``fusedtx.reference``. ``fusedtx.use_backend`` and the ``FUSEDTX_B
 the backend (see ``fusedtx._backend``).
 """
 
-from fusedtx import nn, reference
+from fusedtx import highres, nn, reference
 from fusedtx._backend import use_backend
 from fusedtx.ops.attention import attention
+from fusedtx.ops.highres import merge_tokens, select_patches
 from fusedtx.ops.layer_norm_gelu import layer_norm, layer_norm_gelu
 from fusedtx.ops.sinusoidal import add_sincos_2d, add_sinusoidal, sincos_2d, sinusoidal_encoding
 from fusedtx.ops.window_attention import window_attention
@@ -21,10 +22,13 @@ __all__ = [
     "add_sincos_2d",
     "add_sinusoidal",
     "attention",
+    "highres",
     "layer_norm",
     "layer_norm_gelu",
+    "merge_tokens",
     "nn",
     "reference",
+    "select_patches",
     "sincos_2d",
     "sinusoidal_encoding",
     "swap",

@@ -366,3 +366,79 @@ def window_attention(
         out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
     out = out[:, :h, :w].to(qkv.dtype)
     return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------------
+# highres: patch scoring, token gather, bipartite matching, size-weighted merge
+# --------------------------------------------------------------------------------------------------
+
+PATCH_SCORES = ("variance", "gradient")
+
+
+def patch_scores(images: torch.Tensor, patch_size: int, method: str = "variance") -> torch.Tensor:
+    """(B, gh * gw) importance of each ``patch_size`` patch of ``images`` (B, C, H, W), row-major over the
+    grid of whole patches (gh = H // patch_size, gw = W // patch_size), in the compute dtype.
+
+    * ``variance``: the pixels' variance inside the patch (biased, about the patch's own mean), per channel,
+      averaged over the channels.
+    * ``gradient``: gradient energy, the mean squared difference of horizontally adjacent pixels plus that of
+      vertically adjacent pixels, both pixels inside the patch, averaged over the channels (0 for 1-pixel
+      patches)."""
+    p = patch_size
+    b, c, h, w = images.shape
+    gh, gw = h // p, w // p
+    x = images[:, :, : gh * p, : gw * p].to(compute_dtype(images.dtype))
+    tiles = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+    if method == "variance":
+        mean = tiles.mean(dim=(-1, -2), keepdim=True)
+        per_channel = (tiles - mean).square().mean(dim=(-1, -2))
+    else:
+        pairs = max(p * (p - 1), 1)
+        dx = (tiles[..., :, 1:] - tiles[..., :, :-1]).square().sum(dim=(-1, -2))
+        dy = (tiles[..., 1:, :] - tiles[..., :-1, :]).square().sum(dim=(-1, -2))
+        per_channel = (dx + dy) / pairs
+    return per_channel.mean(dim=-1).reshape(b, gh * gw)
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor, pos: torch.Tensor | None = None,
+                  prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, P + K, C): the ``prefix`` tokens (B, P, C) as they are, then for each kept index i of ``index``
+    (B, K) the token ``tokens[b, i] + pos[b or 0, i]`` (``tokens`` (B, N, C), ``pos`` (1 or B, N, C));
+    the add in the compute dtype."""
+    ct = compute_dtype(tokens.dtype)
+    rows = torch.stack([tokens[b, index[b]] for b in range(tokens.shape[0])]).to(ct)
+    if pos is not None:
+        rows = rows + torch.stack([pos[b if pos.shape[0] > 1 else 0, index[b]] for b in range(tokens.shape[0])]).to(ct)
+    if prefix is not None:
+        rows = torch.cat([prefix.to(ct), rows], dim=1)
+    return rows.to(tokens.dtype)
+
+
+def match_tokens(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite edge for each token of set A: (score, index), each (B, Na): the largest cosine
+    similarity of ``a[:, i]`` (B, Na, D) with the tokens of ``b`` (B, Nb, D) and the (first) index reaching
+    it. Rows are normalized as ``x / max(||x||, eps)``. Scores in the compute dtype (float32 for halves)."""
+    ct = compute_dtype(a.dtype)
+    an = a.to(ct) / a.to(ct).norm(dim=-1, keepdim=True).clamp_min(eps)
+    bn = b.to(ct) / b.to(ct).norm(dim=-1, keepdim=True).clamp_min(eps)
+    score, index = (an @ bn.transpose(-1, -2)).max(dim=-1)
+    return score, index
+
+
+def merge_weighted(xb: torch.Tensor, sb: torch.Tensor, xs: torch.Tensor, ss: torch.Tensor,
+                   dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of source tokens into destination tokens: for each destination j,
+    ``(sb_j * xb_j + sum over sources i with dst_i = j of ss_i * xs_i) / (sb_j + sum ss_i)`` and its new size
+    ``sb_j + sum ss_i``. ``xb`` (B, Nb, C), ``sb`` (B, Nb), ``xs`` (B, R, C), ``ss`` (B, R), ``dst`` (B, R)
+    indices into Nb. Returns (x (B, Nb, C) in xb's dtype, sizes (B, Nb) in sb's dtype)."""
+    ct = compute_dtype(xb.dtype)
+    out = torch.zeros(xb.shape, dtype=ct, device=xb.device)
+    size = torch.zeros(sb.shape, dtype=ct, device=xb.device)
+    for bi in range(xb.shape[0]):
+        for j in range(xb.shape[1]):
+            src = (dst[bi] == j).nonzero().flatten()
+            w = torch.cat([sb[bi, j:j + 1].to(ct), ss[bi, src].to(ct)])
+            rows = torch.cat([xb[bi, j:j + 1].to(ct), xs[bi, src].to(ct)])
+            size[bi, j] = w.sum()
+            out[bi, j] = (w[:, None] * rows).sum(0) / w.sum()
+    return out.to(xb.dtype), size.to(sb.dtype)

@@ -18,6 +18,10 @@ WINDOW_MAX_TOKENS = 256  # window areas the kernels cover: Swin's 7x7 up to 16x1
 WINDOW_MAX_HEAD_DIM = 128
 # The 2D sin-cos kernel finds a patch's grid row with an fp32 reciprocal, exact for fewer cells than this.
 SINCOS_2D_MAX_CELLS = 1 << 22
+# highres: the scoring kernel holds one patch's pixels of one channel (patch sides up to this); the matching
+# kernel holds whole rows of the compared features (dims up to this).
+HIGHRES_MAX_PATCH = 64
+HIGHRES_MAX_MATCH_DIM = 1024
 # Offsets inside one (batch, head) slice, or one image, are 32-bit in the kernels.
 MAX_SPAN = 2**31
 
