@@ -41,6 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 } > "$summary"
 
 step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
+step check 120 python3 -m fusedtx check  # the self-test first: every family against float64 on this card
 step ceilings 60 python3 -c "
 import json, os, torch
 from fusedtx.bench.harness import measure_ceilings

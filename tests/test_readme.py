@@ -169,9 +169,18 @@ def run_resources(argv, cwd):
     assert re.search(r"^sm_\d+a?(, sm_\d+a?)*: .*fit", out, re.M), out
 
 
+def run_check(argv, cwd):
+    # The self-test as written, on its fastest family unless the line names some (all four take ~20 s here).
+    if not _positional(argv[2:], takes_value=()):
+        argv = [*argv, "sinusoidal"]
+    out = _run(argv, cwd)
+    assert "backend triton forced" in out and "comparisons within their bounds" in out, out
+
+
 # (pattern of one command, runner); the first match runs it.
 RUNNERS = [
     (r"fusedtx info", run_info),
+    (r"fusedtx check( .*)?", run_check),
     (r"fusedtx profile( .*)?", run_profile),
     (r"fusedtx bench( .*)?", run_bench),
     (r"python -m fusedtx\.bench\.bench_\w+( .*)?", run_bench_module),
