@@ -6,6 +6,8 @@ references in ``fusedtx.reference``. ``fusedtx.use_backend`` and the ``FUSEDTX_B
 the backend (see ``fusedtx._backend``).
 """
 
+import sys as _sys
+
 from fusedtx import highres, nn, reference
 from fusedtx._backend import use_backend
 from fusedtx.ops.attention import attention
@@ -14,6 +16,9 @@ from fusedtx.ops.layer_norm_gelu import layer_norm, layer_norm_gelu
 from fusedtx.ops.sinusoidal import add_sincos_2d, add_sinusoidal, sincos_2d, sinusoidal_encoding
 from fusedtx.ops.window_attention import window_attention
 from fusedtx.surgery import SwapReport, swap, unswap
+
+if "transformers" in _sys.modules:  # attn_implementation="fusedtx" works from here on (else: at swap)
+    nn.attention.register_hf_attention()
 
 __version__ = "0.1.0"
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import re
+import types
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,10 +48,39 @@ def _selects_attention_function(cls: type) -> bool | None:
 
 
 @functools.cache
-def _register_hf_attention() -> None:
-    from transformers import AttentionInterface
+def _source(cls: type, attr: str | None = None) -> str | None:
+    """The source of ``cls`` (or of its ``attr``), None when it cannot be read."""
+    try:
+        return inspect.getsource(getattr(cls, attr) if attr else cls)
+    except (OSError, TypeError):
+        return None
 
-    AttentionInterface.register("fusedtx", fnn.attention.hf_attention_forward)
+
+@functools.cache
+def _calls_sdpa(cls: type) -> bool:
+    """Whether ``cls`` (up to the class that defines its ``forward``) calls ``scaled_dot_product_attention``
+    itself. torch's and fusedtx's own classes are never taken."""
+    for c in cls.__mro__:
+        if c is nn.Module or c.__module__.startswith(("torch.", "fusedtx.")):
+            return False
+        if "scaled_dot_product_attention" in (_source(c) or ""):
+            return True
+        if "forward" in c.__dict__:
+            return False
+    return False
+
+
+def _attention_like(module: nn.Module) -> bool:
+    """What the report counts as attention: a class named ``*Attention*`` / ``*Attn*``, or one calling SDPA."""
+    name = type(module).__name__
+    return "Attention" in name or "Attn" in name or _calls_sdpa(type(module))
+
+
+def _hf_selects(module: nn.Module) -> bool:
+    """A Hugging Face attention module that picks its function through ``config._attn_implementation``."""
+    return (type(module).__module__.startswith("transformers.") and hasattr(module, "config")
+            and ("Attention" in type(module).__name__ or "Attn" in type(module).__name__)
+            and bool(_selects_attention_function(type(module))))
 
 
 def _hf_attention(module: nn.Module) -> nn.Module:
@@ -62,7 +93,7 @@ def _hf_attention(module: nn.Module) -> nn.Module:
     if not selects:
         raise ValueError("this transformers version computes attention inside the module (no attention "
                          "interface); transformers >= 4.51 is needed for ViT, >= 5.9 for Swin")
-    _register_hf_attention()
+    fnn.attention.register_hf_attention()
     fused = copy.copy(module)
     for registry in ("_modules", "_parameters", "_buffers"):  # its own registries, holding the same entries
         object.__setattr__(fused, registry, dict(getattr(module, registry)))
@@ -80,6 +111,9 @@ RULES: list[Rule] = [
     Rule("attention", "timm Attention",
          ("timm.layers.attention.Attention", "timm.models.vision_transformer.Attention"),
          fnn.Attention.from_module),
+    # Listed for transformers < 5 (ViTAttention wraps the selecting module, which is entered) and for the
+    # report's message on versions that compute attention inside the module; any other transformers
+    # attention module that selects its function by config._attn_implementation is found by _hf_selects.
     Rule("attention", "Hugging Face attention",
          ("transformers.models.vit.modeling_vit.ViTAttention",
           "transformers.models.vit.modeling_vit.ViTSelfAttention",
@@ -102,13 +136,49 @@ RULES: list[Rule] = [
 ]
 
 
+
+
+def _routed_forward(self, *args, **kwargs):
+    """The ``forward`` swap installs on a module that calls SDPA itself: its class's forward, with every
+    ``F.scaled_dot_product_attention`` call inside it computed by the fused op (:class:`fnn.attention.SDPARoute`)."""
+    with fnn.attention.SDPARoute():
+        return type(self).forward(self, *args, **kwargs)
+
+
+def _install_route(module: nn.Module) -> nn.Module:
+    """Install the SDPA route on ``module`` (an instance ``forward``; a bound method, so deep copies follow
+    the copy); timm's ``fused_attn = False`` (its switch to the non-SDPA path) is turned on, and put back by unswap."""
+    if getattr(module, "fused_attn", True) is False:
+        object.__setattr__(module, "_fusedtx_restore", {"fused_attn": module.__dict__.get("fused_attn", _MISSING)})
+        object.__setattr__(module, "fused_attn", True)
+    object.__setattr__(module, "forward", types.MethodType(_routed_forward, module))
+    return module
+
+
+_MISSING = object()
+SDPA_ROUTE = Rule("attention", "SDPA route", (), _install_route, installs="forward")
+HF_INTERFACE = Rule("attention", "Hugging Face attention", (), _hf_attention)
+
+
+def _discards_weights(parent: nn.Module, name: str) -> bool:
+    """Whether ``parent``'s forward calls its child ``name`` only as ``self.name(...)[0]`` without passing
+    ``need_weights`` (SigLIP's attention-pool head): the weights torch computes by default are thrown away."""
+    src = _source(type(parent), "forward") or ""
+    calls = re.findall(rf"self\.{re.escape(name)}\((?:[^()]|\([^()]*\))*\)(\s*\[\s*0\s*\])?", src)
+    full = re.findall(rf"self\.{re.escape(name)}\((?:[^()]|\([^()]*\))*\)", src)
+    return bool(calls) and all(calls) and not any("need_weights" in c for c in full)
+
+
 @dataclass
 class SwapReport:
-    """What :func:`swap` did: ``replaced`` counts by kind, ``left_alone`` lists (name, class, reason)."""
+    """What :func:`swap` did: ``replaced`` counts by kind, ``left_alone`` lists (name, class, reason) for every
+    module it did not fuse that it could have wanted to (every attention-like module among them), and
+    ``coverage`` counts, per family, (fused, total) over the model's modules after the swap."""
 
     model: nn.Module
     replaced: Counter = field(default_factory=Counter)
     left_alone: list[tuple[str, str, str]] = field(default_factory=list)
+    coverage: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -117,6 +187,9 @@ class SwapReport:
     def __str__(self) -> str:
         lines = [f"fusedtx.swap: replaced {self.total} modules"]
         lines += [f"  {kind}: {count}" for kind, count in sorted(self.replaced.items())]
+        if self.coverage:
+            lines.append(", ".join(f"{kind}: {done}/{of}" + (" fused" if kind == "attention" else "")
+                                   for kind, (done, of) in self.coverage.items()))
         if self.left_alone:
             lines.append(f"left alone: {len(self.left_alone)}")
             lines += [f"  {name} ({cls}): {why}" for name, cls, why in self.left_alone]
@@ -175,7 +248,54 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
         _install(model, "", rule, by_class, rules, report)
     else:
         _swap_children(model, "", by_class, rules, report)
+    _count_coverage(model, enabled, report)
     return report
+
+
+def _why_left_alone(module: nn.Module, enabled: dict[str, bool]) -> str:
+    """The reason an attention-like module was not fused, for the report."""
+    name = type(module).__name__
+    if "Window" in name and not enabled["window_attention"]:
+        return "window_attention=False"
+    if not enabled["attention"]:
+        return "attention=False"
+    if "TalkingHead" in name or (hasattr(module, "proj_l") and hasattr(module, "proj_w")):
+        return "talking-heads attention mixes heads across the softmax, which the kernel cannot express"
+    if "Outlook" in name:
+        return "outlook attention predicts local attention weights from each token (no q·kᵀ softmax)"
+    return ("computes attention in its own forward: no F.scaled_dot_product_attention call, no Hugging Face "
+            "attention interface, no fusedtx drop-in for its class")
+
+
+def _count_coverage(model: nn.Module, enabled: dict[str, bool], report: SwapReport) -> None:
+    """Fill ``report.coverage`` from the swapped model, and list every attention-like module it left stock
+    (wrappers that only hold other attention modules, as transformers' ``ViTAttention``, are not counted)."""
+    covered = set()  # stock modules a fused path of their parent computes (a timm Swin block's attn)
+    for m in model.modules():
+        rule = m.__dict__.get("_fusedtx_installed")
+        if rule is not None:
+            covered.update(id(getattr(m, n)) for n in rule.skip if getattr(m, n, None) is not None)
+    listed = {name for name, _, _ in report.left_alone}
+    counts = {"attention": [0, 0], "LayerNorm": [0, 0]}
+    for name, m in model.named_modules():
+        ours = type(m).__module__.startswith("fusedtx.")
+        if isinstance(m, FusedAway):
+            continue
+        if isinstance(m, nn.LayerNorm) or "LayerNorm" in type(m).__name__:
+            counts["LayerNorm"][0] += ours
+            counts["LayerNorm"][1] += 1
+            continue
+        if not _attention_like(m) or (not ours and not _calls_sdpa(type(m)) and "_fusedtx_stock" not in m.__dict__
+                                      and any(_attention_like(c) for c in m.modules() if c is not m)):
+            continue
+        installed = m.__dict__.get("_fusedtx_installed")
+        fused = (ours or id(m) in covered or "_fusedtx_stock" in m.__dict__
+                 or (installed is not None and installed.family != "norm"))
+        counts["attention"][0] += fused
+        counts["attention"][1] += 1
+        if not fused and name not in listed:
+            report.left_alone.append((name, _class_name(m), _why_left_alone(m, enabled)))
+    report.coverage = {kind: (done, of) for kind, (done, of) in counts.items()}
 
 
 def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], rules: list[Rule],
@@ -192,6 +312,11 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
         rule = by_class.get(_class_name(child))
         if rule is not None and any(_class_name(c) in rule.classes for c in child.children()):
             rule = None  # a wrapper of the kind (transformers < 5: ViTAttention holds ViTSelfAttention): go inside
+        if rule is None and any(r.family == "attention" for r in rules):
+            if _hf_selects(child):
+                rule = HF_INTERFACE  # any transformers attention module choosing by config._attn_implementation
+            elif _calls_sdpa(type(child)):
+                rule = SDPA_ROUTE  # any module calling F.scaled_dot_product_attention itself
         if rule is not None and rule.installs is not None:
             _install(child, qualified, rule, by_class, rules, report)
             continue
@@ -211,7 +336,10 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
             report.replaced["LayerNorm+activation"] += 1
             continue
         try:
-            fused = rule.convert(child)
+            if rule.kind == "MultiheadAttention":
+                fused = fnn.MultiheadAttention.from_module(child, weights_unused=_discards_weights(parent, name))
+            else:
+                fused = rule.convert(child)
         except (TypeError, ValueError) as exc:
             report.left_alone.append((qualified, _class_name(child), str(exc)))
             continue
@@ -243,6 +371,11 @@ def unswap(model: nn.Module) -> nn.Module:
         rule = module.__dict__.pop("_fusedtx_installed", None)
         if rule is not None:
             del module.__dict__[rule.installs]
+        for attr, value in module.__dict__.pop("_fusedtx_restore", {}).items():
+            if value is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                object.__setattr__(module, attr, value)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             stock = getattr(child, "_fusedtx_stock", None)

@@ -5,17 +5,24 @@
 * :class:`Attention`: timm's ``Attention`` (``timm.layers.Attention``, the ViT block's attention):
   same constructor, submodules and ``state_dict``; timm itself is not needed.
 
+* :func:`sdpa` and :class:`SDPARoute`: ``F.scaled_dot_product_attention`` computed by the fused op,
+  and the scoped mode that sends a module's SDPA calls to it (how :func:`fusedtx.swap` covers modules
+  that call SDPA themselves: BEiT, EVA, SAM, MaxViT, PVT v2, Twins, Hiera, attention pools, ...).
+* :func:`hf_attention_forward`: the fused op behind Hugging Face's ``AttentionInterface`` ("fusedtx").
+
 What the kernel does not compute (attention weights, dropout on the attention probabilities) takes a
 PyTorch path and says so once (``fusedtx.use_backend("triton")`` turns that into an error).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from fusedtx.ops.attention import attention
 from fusedtx.ops.common import fallback
@@ -67,7 +74,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         reason = None
-        if need_weights:
+        if need_weights and not self.__dict__.get("weights_unused", False):
             reason = _WEIGHTS
         elif query.is_nested or key.is_nested or value.is_nested:
             reason = "does not take nested tensors"
@@ -135,9 +142,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         return self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
 
     @classmethod
-    def from_module(cls, mha: nn.MultiheadAttention) -> MultiheadAttention:
+    def from_module(cls, mha: nn.MultiheadAttention, weights_unused: bool = False) -> MultiheadAttention:
         """A fused module sharing ``mha``'s parameters (the same ``nn.Parameter`` objects and the same
-        ``out_proj`` module) and taking its training mode."""
+        ``out_proj`` module) and taking its training mode.
+
+        ``weights_unused=True`` is for a caller known to discard the weights (it calls the module with
+        torch's default ``need_weights=True`` and keeps only ``[0]``, as SigLIP's attention-pool head
+        does): ``need_weights`` is then taken as False, and the weights come back as None."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
         new = cls(
@@ -148,6 +159,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                      "bias_k", "bias_v", "out_proj"):
             setattr(new, name, getattr(mha, name))
+        new.weights_unused = bool(weights_unused)
         return new.train(mha.training)
 
 
@@ -261,6 +273,110 @@ def hf_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: T
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, _ = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         return out, None
+    # As transformers' own sdpa function: causal only without a mask and for more than one query.
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    if key.shape[1] != query.shape[1]:  # grouped K/V heads (num_key_value_groups)
+        key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] > key.shape[2]:
+        attention_mask = attention_mask[..., : key.shape[2]]  # transformers' masks may be longer than the keys
     bias = _additive(attention_mask, False, query.dtype) if attention_mask is not None else None
-    out = attention(query, key, value, bias=bias, scale=scaling, dropout_p=dropout if module.training else 0.0)
+    out = attention(query, key, value, bias=bias, causal=is_causal, scale=scaling,
+                    dropout_p=dropout if module.training else 0.0)
     return out.transpose(1, 2), None
+
+
+def _stock_sdpa_reason(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                       enable_gqa: bool) -> str | None:
+    """Why a ``F.scaled_dot_product_attention`` call is not one :func:`fusedtx.attention` expresses, or None."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        return "inputs are not tensors"
+    if q.is_nested or k.is_nested or v.is_nested:
+        return "nested tensors"
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        return "inputs are not (B, H, N, D) or (B, N, D)"
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        return "mixed or non-float dtypes"
+    if v.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1] or v.shape[:-1] != k.shape[:-1]:
+        return "value head dim differs from the query's"
+    if k.shape[0] != q.shape[0]:
+        return "batch sizes differ"
+    if q.dim() == 4 and k.shape[1] != q.shape[1] and not (enable_gqa and q.shape[1] % k.shape[1] == 0):
+        return "head counts differ"
+    if attn_mask is not None:
+        if is_causal:
+            return "is_causal with an attn_mask"  # stock SDPA raises; let it
+        if not isinstance(attn_mask, Tensor) or attn_mask.dim() > q.dim():
+            return "attn_mask of another form"
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            return "an integer attn_mask"
+        full = (*q.shape[:-1], k.shape[-2])
+        if any(n not in (1, m) for n, m in zip(attn_mask.shape, full[len(full) - attn_mask.dim():], strict=True)):
+            return "attn_mask does not broadcast"
+    return None
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention``'s signature and semantics, computed by :func:`fusedtx.attention`.
+
+    A float ``attn_mask`` is the bias (its gradient flows, deterministically); a bool one (True = attend)
+    becomes the key padding mask when it only masks keys per batch element, else a 0 / -inf bias;
+    ``is_causal`` and ``scale`` are the kernel's; ``enable_gqa`` repeats the grouped K/V heads; dropout
+    (``dropout_p`` > 0) takes the op's fast PyTorch path. A call the op cannot express (nested tensors,
+    a value head dim unlike the query's, ``is_causal`` with a mask, other ranks) runs stock SDPA.
+    """
+    if _stock_sdpa_reason(query, key, value, attn_mask, is_causal, enable_gqa) is not None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    unbatched = query.dim() == 3  # (B, N, D): one head
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    b, h, nq, d = query.shape
+    hk, nk = key.shape[1], key.shape[2]
+    if hk != h:  # grouped K/V heads: head i reads K/V head i // (h // hk), as SDPA's enable_gqa
+        key, value = (t.repeat_interleave(h // hk, dim=1) for t in (key, value))
+    bias = padding = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        mask = attn_mask[(None,) * (4 - attn_mask.dim())]
+        if mask.shape[1] == 1 and mask.shape[2] == 1:  # masks keys only: the kernel's key padding mask
+            padding = ~mask[:, 0, 0, :].expand(b, nk)
+        else:
+            bias = _additive(attn_mask, False, query.dtype)
+    elif attn_mask is not None:
+        bias = attn_mask
+    out = attention(query, key, value, bias=bias, key_padding_mask=padding, causal=bool(is_causal), scale=scale,
+                    dropout_p=dropout_p)
+    return out.squeeze(1) if unbatched else out
+
+
+class SDPARoute(TorchFunctionMode):
+    """A scoped mode: inside it, ``F.scaled_dot_product_attention`` calls run :func:`sdpa` (the fused op);
+    every other function runs as it is. :func:`fusedtx.swap` enters it in the ``forward`` it installs on
+    modules that call SDPA themselves, so nothing outside those modules is touched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def register_hf_attention() -> None:
+    """Register :func:`hf_attention_forward` as ``"fusedtx"`` in transformers' ``AttentionInterface`` (and
+    SDPA's mask format under that name in its ``AttentionMaskInterface``, where there is one), so that
+    ``from_pretrained(..., attn_implementation="fusedtx")`` and ``model.set_attn_implementation("fusedtx")``
+    select it. ``import fusedtx`` does it when transformers is already imported; :func:`fusedtx.swap` does
+    it before it points a module at it."""
+    import transformers
+
+    transformers.AttentionInterface.register("fusedtx", hf_attention_forward)
+    masks = getattr(transformers, "AttentionMaskInterface", None)
+    if masks is not None:
+        from transformers.masking_utils import sdpa_mask
+
+        masks.register("fusedtx", sdpa_mask)
