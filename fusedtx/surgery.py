@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from fusedtx import nn as fnn
+from fusedtx.ops.layer_norm_gelu import layer_norm_gelu
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ def _hf_attention(module: nn.Module) -> nn.Module:
 RULES: list[Rule] = [
     Rule("norm", "LayerNorm", ("torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"),
          fnn.LayerNorm.from_module),
+    # x + ls1(attn(norm1(x))) then norm2: one layer_norm_gelu call with the residual (the block's forward).
+    Rule("norm", "pre-norm residual add", ("timm.models.vision_transformer.Block",),
+         lambda block: _install_prenorm(block), installs="forward"),
     # torchvision's ViT encoder blocks use nn.MultiheadAttention too.
     Rule("attention", "MultiheadAttention", ("torch.nn.modules.activation.MultiheadAttention",),
          fnn.MultiheadAttention.from_module),
@@ -136,6 +140,27 @@ RULES: list[Rule] = [
 ]
 
 
+
+
+def _prenorm_forward(self, x, attn_mask=None, **kwargs):
+    """timm ViT ``Block.forward`` with the attention branch's residual add and ``norm2`` in one
+    ``layer_norm_gelu(..., activation="none", residual=x)`` call, which returns the normalized sum and the sum."""
+    y = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **kwargs)))
+    norm = self.norm2
+    h, x = layer_norm_gelu(y, norm.weight, norm.bias, norm.eps, activation="none", residual=x)
+    return x + self.drop_path2(self.ls2(self.mlp(h)))
+
+
+def _install_prenorm(block: nn.Module) -> nn.Module:
+    """Install :func:`_prenorm_forward` on a timm ViT ``Block`` whose ``norm2`` is a last-dim LayerNorm."""
+    check = getattr(block, "norm2", None)
+    if not isinstance(check, nn.LayerNorm) or len(check.normalized_shape) != 1:
+        raise TypeError(f"its norm2 ({type(check).__name__}) is not a LayerNorm over the last dimension")
+    for name in ("norm1", "attn", "ls1", "drop_path1", "ls2", "drop_path2", "mlp"):
+        if not hasattr(block, name):
+            raise TypeError(f"it lacks {name}: not the timm ViT Block the fused residual path is written for")
+    object.__setattr__(block, "forward", types.MethodType(_prenorm_forward, block))
+    return block
 
 
 def _routed_forward(self, *args, **kwargs):
@@ -322,7 +347,7 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
             continue
         if rule is None:
             sub = _subclassed_rule(child, rules)
-            if sub is not None:
+            if sub is not None and sub.kind != "pre-norm residual add":  # a Block subclass: just go inside
                 report.left_alone.append((qualified, _class_name(child),
                                           f"custom subclass of a {sub.kind}: its forward may differ"))
             else:

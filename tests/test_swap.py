@@ -43,7 +43,7 @@ def _check_swap_matches(model, x, expected_counts, **kwargs):
 def test_timm_vit(img_size):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2).to(DEVICE)
     x = torch.randn(1, 3, img_size, img_size, device=DEVICE)
-    _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2})
+    _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2, "pre-norm residual add": 2})
     assert isinstance(model.blocks[0].attn, fusedtx.nn.Attention)
 
 
@@ -52,7 +52,7 @@ def test_timm_vit_qk_norm():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=1, qk_norm=True)
     stock_q_norm = model.blocks[0].attn.q_norm
     _check_swap_matches(model.to(DEVICE), torch.randn(2, 3, 48, 48, device=DEVICE),
-                        {"LayerNorm": 3 + 2, "timm Attention": 1})  # norm1, norm2, final norm; q_norm, k_norm
+                        {"LayerNorm": 3 + 2, "timm Attention": 1, "pre-norm residual add": 1})  # + q_norm, k_norm
     assert isinstance(model.blocks[0].attn.q_norm, fusedtx.nn.LayerNorm)
     unswap(model)
     assert model.blocks[0].attn.q_norm is stock_q_norm
@@ -171,14 +171,15 @@ def test_swap_again_adds_only_what_is_new():
     assert not isinstance(swin.layers[0].blocks[0].attn, fusedtx.nn.WindowAttention)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, qk_norm=True)
     assert dict(swap(vit, norm=False).replaced) == {"timm Attention": 1}
-    assert dict(swap(vit).replaced) == {"LayerNorm": 3 + 2}  # norm1, norm2, final norm; q_norm, k_norm
+    assert dict(swap(vit).replaced) == {"LayerNorm": 3 + 2, "pre-norm residual add": 1}  # + q_norm, k_norm
     assert isinstance(vit.blocks[0].attn.q_norm, fusedtx.nn.LayerNorm)
 
 
 def test_timm_vit_layer_norms():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48).to(DEVICE)
     x = torch.randn(2, 3, 48, 48, device=DEVICE)
-    _check_swap_matches(model, x, {"LayerNorm": 25}, attention=False, window_attention=False)
+    _check_swap_matches(model, x, {"LayerNorm": 25, "pre-norm residual add": 12}, attention=False,
+                        window_attention=False)
     assert isinstance(model.norm, fusedtx.nn.LayerNorm)
     unswap(model)
     assert type(model.norm).__name__ == "LayerNorm" and not isinstance(model.norm, fusedtx.nn.LayerNorm)
@@ -260,3 +261,26 @@ def test_swapping_a_timm_swin_block_itself_installs_its_fused_path():
         assert_close(block(x), want, torch.float32, tol=1e-5)
     unswap(block)
     assert "_attn" not in block.__dict__
+
+
+def test_timm_vit_pre_norm_residual_add_is_one_call_and_unswaps():
+    """x + ls1(attn(norm1(x))) and norm2 run as one layer_norm_gelu call with the residual (training, layer
+    scale on); unswap removes the installed forward."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, init_values=0.5,
+                              drop_path_rate=0.0).to(DEVICE)
+    calls = []
+    real = fusedtx.surgery.layer_norm_gelu
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("residual") is not None)
+        return real(*args, **kwargs)
+
+    fusedtx.surgery.layer_norm_gelu = spy
+    try:
+        _check_swap_matches(model, torch.randn(2, 3, 32, 32, device=DEVICE),
+                            {"LayerNorm": 3, "timm Attention": 1, "pre-norm residual add": 1})
+    finally:
+        fusedtx.surgery.layer_norm_gelu = real
+    assert calls == [True]
+    unswap(model)
+    assert "forward" not in model.blocks[0].__dict__
