@@ -24,6 +24,7 @@ setup(
         "torch>=2.11,<2.15",
         "triton>=3.6,<3.10; platform_system == 'Linux'",
         "tqdm>=4.60",  # fusedtx profile's progress bar
+        "platformdirs>=3",  # where fusedtx tune keeps tuned configs (the user cache dir)
         "safetensors>=0.4",  # fusedtx profile --weights FILE.safetensors
     ],
     extras_require={

@@ -42,6 +42,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
 
 step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 step check 120 python3 -m fusedtx check  # the self-test first: every family against float64 on this card
+# Tuned configs for this card at the 4096-patch shapes; copy $OUT/tuned/*.json to kernels/configs/ to ship them.
+export FUSEDTX_CONFIG_DIR="$OUT/tuned"
+for model in vit_base_patch16_224 swin_tiny_patch4_window7_224; do
+  step "tune_$model" 90 python3 -m fusedtx tune --model "$model" --img-size 1024 --dtype bfloat16
+done
 step ceilings 60 python3 -c "
 import json, os, torch
 from fusedtx.bench.harness import measure_ceilings

@@ -84,15 +84,15 @@ def main(argv: list[str] | None = None) -> None:
         from fusedtx import profile
 
         raise SystemExit(profile.main(argv[1:]))
-    if argv[:1] == ["check"]:  # it must switch Triton's interpreter on (CPU) before Triton is imported
-        from fusedtx import check
-
-        raise SystemExit(check.main(argv[1:]))
+    if argv[:1] in (["check"], ["tune"]):  # they switch Triton's interpreter on (CPU) before Triton is imported
+        command = importlib.import_module(f"fusedtx.{argv[0]}")
+        raise SystemExit(command.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="fusedtx", description="fused Triton kernels for (vision) transformers")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backend each op takes and why")
     sub.add_parser("profile", add_help=False, help="stock vs fused model at 4096 patches (fusedtx profile --help)")
     sub.add_parser("check", add_help=False, help="self-test of the kernels on this device (fusedtx check --help)")
+    sub.add_parser("tune", add_help=False, help="time launch configs on this GPU for a model (fusedtx tune --help)")
     p_bench = sub.add_parser("bench", help="run the benchmarks against fusedtx's peers")
     names = ", ".join(families() + list(EXTRA_BENCHES))
     p_bench.add_argument("families", nargs="*", help=f"'all' (default: the families) or some of: {names}")

@@ -57,7 +57,7 @@ from fusedtx.kernels.softmax_core import (
     softmax_bwd,
 )
 from fusedtx.kernels.support import dot_precision, empty_bnhd, interpreter_enabled
-from fusedtx.kernels.tuning import device_family, launch
+from fusedtx.kernels.tuning import Tuning, device_family, launch, tuned_or
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -450,11 +450,24 @@ def candidates(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = Fa
     return out
 
 
+def _tuning(kind: str, q: torch.Tensor, has_bias: bool = False) -> Tuning:
+    """What ``fusedtx tune`` (``FUSEDTX_TUNE=1``) may time for a launch on ``q``: the key its tuned config is
+    stored under (kernel, padded head dim, dtype, bias, sequence length to the next power of two) and the
+    candidates for the device's architecture family."""
+    d = q.shape[-1]
+    family = None if interpreter_enabled() else device_family(q.device)
+    key = f"attention|{kind}|d{block_d(d)}|{str(q.dtype).removeprefix('torch.')}|bias{int(has_bias)}|" \
+          f"n{triton.next_power_of_2(q.shape[2])}"
+    return Tuning(q.device, key, tuple(candidates(kind, d, q.dtype, has_bias, family)))
+
+
 def _launch_config(kind: str, q: torch.Tensor, has_bias: bool = False) -> tuple[int, int, int, int]:
-    """The config a launch on ``q``'s device starts from."""
+    """The config a launch on ``q``'s device starts from: its tuned one (``fusedtx tune``), else the table's."""
     if interpreter_enabled():
-        return _INTERPRETER_CONFIG[kind]
-    return configs(kind, q.shape[-1], q.dtype, has_bias, device_family(q.device))
+        default = _INTERPRETER_CONFIG[kind]
+    else:
+        default = configs(kind, q.shape[-1], q.dtype, has_bias, device_family(q.device))
+    return tuned_or(q.device, _tuning(kind, q, has_bias).key, default)
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -504,7 +517,8 @@ def attention_fwd(
         )
 
     has_bias = bias is not None
-    launch("attention fwd", (d, q.dtype, has_bias), _launch_config("fwd", q, has_bias), run)
+    launch("attention fwd", (d, q.dtype, has_bias), _launch_config("fwd", q, has_bias), run,
+           tuning=_tuning("fwd", q, has_bias))
     return out, lse
 
 
@@ -562,7 +576,7 @@ def attention_bwd(
                 **common,
             )
 
-        launch("attention dkdv", key, _launch_config("dkdv", q), run_dkdv)
+        launch("attention dkdv", key, _launch_config("dkdv", q), run_dkdv, tuning=_tuning("dkdv", q))
 
     def run_dq(config):
         block_m, block_n, warps, stages = config
@@ -574,7 +588,7 @@ def attention_bwd(
             **common,
         )
 
-    launch("attention dq", key, dq_config, run_dq)
+    launch("attention dq", key, dq_config, run_dq, tuning=_tuning("dq", q))
     if dbias is not None and dbias.numel() > 0:
         if bias.shape[3] == 1:
             dbias.zero_()  # a bias constant along the keys shifts every score of a row: no gradient
@@ -597,5 +611,5 @@ def attention_bwd(
                     **common,
                 )
 
-            launch("attention dbias", key, _launch_config("dbias", q), run_dbias)
+            launch("attention dbias", key, _launch_config("dbias", q), run_dbias, tuning=_tuning("dbias", q))
     return dq, dk, dv, dbias

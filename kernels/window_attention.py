@@ -56,7 +56,7 @@ from fusedtx.kernels.softmax_core import (
     softmax_bwd,
 )
 from fusedtx.kernels.support import dot_precision, interpreter_enabled
-from fusedtx.kernels.tuning import device_family, launch
+from fusedtx.kernels.tuning import Tuning, device_family, launch, tuned_or
 
 _LOG2E = tl.constexpr(LOG2E)
 _SHIFT_MASK_LOG2 = tl.constexpr(-100.0 * LOG2E)  # the stock modules' -100 between regions, in log2 units
@@ -483,11 +483,19 @@ def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype,
     return out
 
 
+def _tuning(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int) -> Tuning:
+    """What ``fusedtx tune`` (``FUSEDTX_TUNE=1``) may time for a launch on ``qkv``: the key of its tuned config
+    (kernel, padded window, padded head dim, dtype) and the candidates for the device's architecture family."""
+    family = None if interpreter_enabled() else device_family(qkv.device)
+    key = f"window_attention|{kind}|n{block_q(tokens)}|d{block_d(head_dim)}|{str(qkv.dtype).removeprefix('torch.')}"
+    return Tuning(qkv.device, key, tuple(candidates(kind, tokens, head_dim, qkv.dtype, family)))
+
+
 def _launch_config(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int) -> tuple[int, int, int, int]:
-    """The config a launch on ``qkv``'s device starts from."""
-    if interpreter_enabled():
-        return configs(kind, tokens, head_dim, qkv.dtype)
-    return configs(kind, tokens, head_dim, qkv.dtype, device_family(qkv.device))
+    """The config a launch on ``qkv``'s device starts from: its tuned one (``fusedtx tune``), else the table's."""
+    family = None if interpreter_enabled() else device_family(qkv.device)
+    default = configs(kind, tokens, head_dim, qkv.dtype, family)
+    return tuned_or(qkv.device, _tuning(kind, qkv, tokens, head_dim).key, default)
 
 
 def _groups(device: torch.device, windows: int, per_window_programs: int) -> tuple[int, int]:
@@ -542,7 +550,8 @@ def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, nu
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
         )
 
-    launch("window_attention fwd", (tokens, head_dim, qkv.dtype), _launch_config("fwd", qkv, tokens, head_dim), run)
+    launch("window_attention fwd", (tokens, head_dim, qkv.dtype), _launch_config("fwd", qkv, tokens, head_dim), run,
+           tuning=_tuning("fwd", qkv, tokens, head_dim))
     return out, lse
 
 
@@ -580,7 +589,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         return bq, n_kblocks, dbias, dfill
 
     bq, n_kblocks, dbias, dfill = launch("window_attention bwd", key,
-                                         _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True)
+                                         _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True,
+                                         tuning=_tuning("bwd", qkv, tokens, head_dim))
     if n_kblocks > 1:
         def run_dq(config):
             block_m, block_n, warps, stages = config
@@ -589,7 +599,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
             )
 
-        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim), run_dq)
+        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim), run_dq,
+               tuning=_tuning("dq", qkv, tokens, head_dim))
     dtable = None
     if table_grad:
         dtable = table.new_empty(table.shape)

@@ -177,8 +177,16 @@ def run_check(argv, cwd):
     assert "backend triton forced" in out and "comparisons within their bounds" in out, out
 
 
+def run_tune(argv, cwd):
+    # The line as written, made tiny, its file kept in the test's folder.
+    out = _run([*argv, "--model", "vit_tiny_patch16_224", "--img-size", "32"] if "--shapes" not in argv else argv,
+               cwd, FUSEDTX_CONFIG_DIR=str(cwd))
+    assert "kernel configs tuned" in out and list(cwd.glob("*.json")), out
+
+
 # (pattern of one command, runner); the first match runs it.
 RUNNERS = [
+    (r"fusedtx tune( .*)?", run_tune),
     (r"fusedtx info", run_info),
     (r"fusedtx check( .*)?", run_check),
     (r"fusedtx profile( .*)?", run_profile),
