@@ -19,6 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=["fusedtx", "fusedtx.nn", "fusedtx.ops", "fusedtx.highres", "fusedtx.kernels", "fusedtx.bench"],
     package_dir={"fusedtx.kernels": "kernels", "fusedtx.bench": "bench"},
+    package_data={"fusedtx.kernels": ["configs/*.json"]},  # tuned configs shipped per device (fusedtx tune)
     # torch 2.11 (the GPU machine) through 2.14 (CI); Triton 3.6 through 3.9 ships beside them.
     install_requires=[
         "torch>=2.11,<2.15",
