@@ -285,9 +285,8 @@ def patch_scores(images, patch_size, method="variance"):
     pairs = max(p * (p - 1), 1)
     dx = (x[..., :, 1:] - x[..., :, :-1]).square()
     dy = (x[..., 1:, :] - x[..., :-1, :]).square()
-    if p > 1:
-        dx[..., :, p - 1::p] = 0  # pairs straddling two patches
-        dy[..., p - 1::p, :] = 0
+    dx[..., :, p - 1::p] = 0  # pairs straddling two patches (every pair of 1-pixel patches)
+    dy[..., p - 1::p, :] = 0
     dx = F.pad(dx, (0, 1))
     dy = F.pad(dy, (0, 0, 0, 1))
     energy = F.avg_pool2d(dx + dy, p, divisor_override=1) / pairs

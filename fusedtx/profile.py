@@ -247,7 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=_backend.BACKENDS, default=None, help="fusedtx backend (default: auto)")
     p.add_argument("--out", default="fusedtx-profile", help="folder for report.md and the chrome traces")
     p.add_argument("--trace", default=None, help="also copy the fusedtx model's chrome trace to this file")
+    p.add_argument("--strategy", default=None, choices=["full", "resize", "tiles", "select", "merge", "hybrid", "all"],
+                   help="compare high-resolution strategies (fusedtx.highres) instead of stock vs swapped")
+    p.add_argument("--weights", default=None, help="with --strategy: a state_dict file (timm checkpoint or "
+                   ".safetensors) to load, so fidelity is measured on a trained model")
     args = p.parse_args(argv)
+    if args.strategy:
+        from fusedtx.highres.compare import run
+
+        with _backend.use_backend(args.backend or _backend.requested()):
+            return run(args, torch.device("cuda" if cuda else "cpu"), DTYPES[args.dtype])
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = DTYPES[args.dtype]

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-FAMILIES = ("attention", "layer_norm_gelu", "sinusoidal", "window_attention")
+FAMILIES = ("attention", "layer_norm_gelu", "sinusoidal", "window_attention", "highres")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 ATTENTION_MAX_HEAD_DIM = 256
