@@ -130,13 +130,15 @@ RULES: list[Rule] = [
          ("torchvision.models.swin_transformer.ShiftedWindowAttention",
           "torchvision.models.swin_transformer.ShiftedWindowAttentionV2"),
          fnn.ShiftedWindowAttention.from_module),
-    Rule("window_attention", "timm Swin block attention",
-         ("timm.models.swin_transformer.SwinTransformerBlock",
-          "timm.models.swin_transformer_v2.SwinTransformerV2Block"),
+    Rule("window_attention", "timm Swin block attention", ("timm.models.swin_transformer.SwinTransformerBlock",),
          lambda block: fnn.SwinBlockAttention.from_module(block, install=True), installs="_attn", skip=("attn",)),
-    Rule("window_attention", "timm WindowAttention",
-         ("timm.models.swin_transformer.WindowAttention", "timm.models.swin_transformer_v2.WindowAttention"),
+    Rule("window_attention", "timm WindowAttention", ("timm.models.swin_transformer.WindowAttention",),
          fnn.WindowAttention.from_module),
+    # Swin V2: cosine attention and the continuous position bias, as an instance forward on the stock module.
+    Rule("window_attention", "Swin V2 window attention",
+         ("timm.models.swin_transformer_v2.WindowAttention",
+          "transformers.models.swinv2.modeling_swinv2.Swinv2SelfAttention"),
+         fnn.window_attention.install_swin_v2, installs="forward"),
 ]
 
 

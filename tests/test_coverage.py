@@ -34,6 +34,7 @@ def _check(model, x, fused_attention, train=True):
     model = model.to(DEVICE).train(train)
     stock_fwd = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
     ref_out, ref_grad, dy = _run(model, x)
+    assert ref_out.norm() > 0 and ref_grad.norm() > 0  # a zero-initialized head would make the check vacuous
     ref_params = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     report = swap(model)
@@ -153,13 +154,13 @@ TIMM = {
 @pytest.mark.parametrize("name", list(TIMM))
 def test_timm_sdpa_models(name):
     kwargs, size, fused = TIMM[name]
-    model = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kwargs)
+    model = timm.create_model(name, pretrained=False, drop_path_rate=0.0, num_classes=0, **kwargs)  # features
     _check(model, torch.randn(1, 3, size, size, device=DEVICE), fused, train=not name.startswith("maxvit"))
 
 
 def test_beit_relative_position_bias_takes_the_fused_bias_path():
     model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=24, patch_size=8, embed_dim=32,
-                              depth=1, num_heads=2, drop_path_rate=0.0)
+                              depth=1, num_heads=2, drop_path_rate=0.0, num_classes=0)
     table = model.blocks[0].attn.relative_position_bias_table
     calls = []
     real = fusedtx.nn.attention.attention
@@ -190,7 +191,7 @@ def test_report_lists_what_it_leaves_and_why():
 
 def test_timm_fused_attn_switch_is_turned_on_and_back():
     model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=1,
-                              cls_attn_layers=1).eval()
+                              cls_attn_layers=1, num_classes=0).eval()
     attn = model.blocks[0].attn
     assert attn.fused_attn is False  # timm's experimental switch
     _check(model, torch.randn(1, 3, 32, 32, device=DEVICE), 2, train=False)
@@ -250,3 +251,22 @@ def test_hugging_face_set_attn_implementation():
                      torch.float32, tol=TOL)
     built = transformers.DeiTModel._from_config(transformers.DeiTConfig(**SMALL), attn_implementation="fusedtx")
     assert built.config._attn_implementation == "fusedtx"
+
+
+SWIN_V2 = {
+    "timm": lambda: timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=(24, 40), window_size=4,
+                                      embed_dim=16, depths=(2, 2), num_heads=(2, 2), drop_path_rate=0.0,
+                                      num_classes=0),
+    "hugging_face": lambda: _Pixels(transformers.Swinv2Model(transformers.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2], num_heads=[2], window_size=4, drop_path_rate=0.0))),
+}
+
+
+@pytest.mark.parametrize("zoo", list(SWIN_V2))
+def test_swin_v2_cosine_attention(zoo):
+    """Cosine attention, the logit scale clamp, the CPB MLP's bias and the shift mask; the MLP's and the
+    logit scale's gradients too (training)."""
+    model = SWIN_V2[zoo]()
+    size = (24, 40) if zoo == "timm" else (32, 32)
+    report = _check(model, torch.randn(1, 3, *size, device=DEVICE), 4 if zoo == "timm" else 2)
+    assert report.replaced["Swin V2 window attention"] == (4 if zoo == "timm" else 2)

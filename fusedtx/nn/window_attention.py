@@ -9,13 +9,23 @@
 * :class:`WindowAttention`: timm's ``WindowAttention`` for callers that keep the partition themselves:
   (windows, N, dim) in, with timm's optional (nW, N, N) mask, bias and mask fused into the kernel.
 
-Neither timm nor torchvision is needed. Swin V2 modules (cosine attention, a continuous position bias
-MLP) compute something else: ``from_module`` refuses them with a message and they stay as they are.
+* :func:`install_swin_v2`: Swin V2 window attention (timm ``swin_transformer_v2.WindowAttention``, Hugging
+  Face ``Swinv2SelfAttention``) as an instance ``forward`` on the stock module: cosine attention (q and k
+  L2-normalized, the per-head ``logit_scale`` clamped and exponentiated as stock, folded into q), the
+  continuous position bias from the module's own MLP once per call, gathered, ``16·sigmoid``, plus the
+  shift mask, all through the fused ``attention`` op's bias (with its gradient). Not yet in the fused
+  window kernel: it runs the general attention op over the partitioned windows.
+
+Neither timm nor torchvision is needed. The drop-in classes are Swin V1: ``from_module`` refuses Swin V2
+modules with a message.
 Dropout on the attention probabilities (training with a nonzero attention dropout) takes the op's
 PyTorch path and warns once (see :func:`fusedtx.window_attention`).
 """
 
 from __future__ import annotations
+
+import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +33,7 @@ from torch import Tensor, nn
 
 from fusedtx import reference
 from fusedtx.nn.attention import check_like
+from fusedtx.ops.attention import attention
 from fusedtx.ops.window_attention import window_attention, window_pair
 
 _V2 = ("is Swin V2 (cosine attention, continuous position bias), which the fused window attention does not "
@@ -255,3 +266,76 @@ class SwinBlockAttention(WindowAttention):
             object.__setattr__(new, "_block", block)
             object.__setattr__(block, "_attn", new)  # found before the class's method
         return new
+
+
+_MAX_LOG_SCALE = math.log(1.0 / 0.01)  # Swin V2's clamp of logit_scale
+
+
+def cosine_window_attention(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, position_bias: Tensor,
+                            mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Swin V2's attention over windows: ``softmax(cos(q, k)·exp(min(logit_scale, log 100)) + bias + mask)·v``.
+
+    q, k, v: (B·nW, H, N, D), windows of one image consecutive; ``logit_scale`` (H, 1, 1); ``position_bias``
+    (H, N, N), already ``16·sigmoid(...)``; ``mask`` (nW, N, N) additive or None, window b taking
+    ``mask[b % nW]``. The scale is folded into the normalized q and the mask into the bias, so it is one
+    :func:`fusedtx.attention` call (scale 1). Returns (B·nW, H, N, D).
+    """
+    wins, h, n, d = q.shape
+    scale = torch.clamp(logit_scale, max=_MAX_LOG_SCALE).exp().reshape(1, h, 1, 1)
+    q, k = F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(k, dim=-1)
+    bias = position_bias.to(q.dtype).unsqueeze(0)
+    if mask is not None:  # heads of all windows of an image side by side: (B, nW·H, N, D), bias (1, nW·H, N, N)
+        nw = mask.shape[0]
+        bias = (bias + mask.to(q.dtype).unsqueeze(1)).reshape(1, nw * h, n, n)
+        q, k, v = (t.reshape(wins // nw, nw * h, n, d) for t in (q, k, v))
+    out = attention(q, k, v, bias=bias, scale=1.0, dropout_p=dropout_p)
+    return out.reshape(wins, h, n, d)
+
+
+def _cpb(mlp: nn.Module, coords: Tensor, index: Tensor, heads: int, n: int) -> Tensor:
+    """The continuous position bias: the MLP over the coordinate table once, gathered, (H, N, N), 16·sigmoid."""
+    table = mlp(coords).view(-1, heads)
+    return 16 * torch.sigmoid(table[index.view(-1)].view(n, n, heads).permute(2, 0, 1))
+
+
+def _timm_v2_forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    b, n, c = x.shape
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = self.qkv(x) + qkv_bias if getattr(self, "qkv_bias_separate", False) else \
+            F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = _cpb(self.cpb_mlp, self.relative_coords_table, self.relative_position_index, self.num_heads, n)
+    out = cosine_window_attention(q, k, v, self.logit_scale, bias, mask, _dropout_p(self))
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
+def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                   output_attentions: bool | None = False, **kwargs):
+    if output_attentions:  # the probabilities are wanted: the stock forward forms them
+        return type(self).forward(self, hidden_states, attention_mask, output_attentions, **kwargs)
+    b, n, _ = hidden_states.shape
+    h, d = self.num_attention_heads, self.attention_head_size
+    q, k, v = (lin(hidden_states).view(b, n, h, d).transpose(1, 2) for lin in (self.query, self.key, self.value))
+    bias = _cpb(self.continuous_position_bias_mlp, self.relative_coords_table, self.relative_position_index, h, n)
+    # As transformers' Swinv2SelfAttention, which adds the shift mask twice.
+    mask = 2 * attention_mask if attention_mask is not None else None
+    out = cosine_window_attention(q, k, v, self.logit_scale, bias, mask,
+                                  self.dropout.p if self.training else 0.0)
+    return (out.transpose(1, 2).reshape(b, n, h * d),)
+
+
+def install_swin_v2(module: nn.Module) -> nn.Module:
+    """Install the Swin V2 cosine path as ``module``'s instance ``forward`` (timm's
+    ``swin_transformer_v2.WindowAttention`` or transformers' ``Swinv2SelfAttention``); ``del module.forward``
+    (what :func:`fusedtx.unswap` does) restores the stock one. TypeError for anything else."""
+    if all(hasattr(module, a) for a in ("qkv", "cpb_mlp", "logit_scale", "relative_coords_table", "proj")):
+        forward = _timm_v2_forward
+    elif all(hasattr(module, a) for a in ("query", "key", "value", "continuous_position_bias_mlp", "logit_scale")):
+        forward = _hf_v2_forward
+    else:
+        raise TypeError(f"module must be a timm or Hugging Face Swin V2 window attention, got {type(module).__name__}")
+    object.__setattr__(module, "forward", types.MethodType(forward, module))
+    return module
