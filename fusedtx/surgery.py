@@ -127,9 +127,7 @@ RULES: list[Rule] = [
          _hf_attention),
     # Swin V2 classes are listed so that the drop-ins reject them with a clear message.
     Rule("window_attention", "torchvision ShiftedWindowAttention",
-         ("torchvision.models.swin_transformer.ShiftedWindowAttention",
-          "torchvision.models.swin_transformer.ShiftedWindowAttentionV2"),
-         fnn.ShiftedWindowAttention.from_module),
+         ("torchvision.models.swin_transformer.ShiftedWindowAttention",), fnn.ShiftedWindowAttention.from_module),
     Rule("window_attention", "timm Swin block attention", ("timm.models.swin_transformer.SwinTransformerBlock",),
          lambda block: fnn.SwinBlockAttention.from_module(block, install=True), installs="_attn", skip=("attn",)),
     Rule("window_attention", "timm WindowAttention", ("timm.models.swin_transformer.WindowAttention",),
@@ -137,6 +135,7 @@ RULES: list[Rule] = [
     # Swin V2: cosine attention and the continuous position bias, as an instance forward on the stock module.
     Rule("window_attention", "Swin V2 window attention",
          ("timm.models.swin_transformer_v2.WindowAttention",
+          "torchvision.models.swin_transformer.ShiftedWindowAttentionV2",
           "transformers.models.swinv2.modeling_swinv2.Swinv2SelfAttention"),
          fnn.window_attention.install_swin_v2, installs="forward"),
 ]

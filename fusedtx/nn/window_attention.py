@@ -9,12 +9,13 @@
 * :class:`WindowAttention`: timm's ``WindowAttention`` for callers that keep the partition themselves:
   (windows, N, dim) in, with timm's optional (nW, N, N) mask, bias and mask fused into the kernel.
 
-* :func:`install_swin_v2`: Swin V2 window attention (timm ``swin_transformer_v2.WindowAttention``, Hugging
-  Face ``Swinv2SelfAttention``) as an instance ``forward`` on the stock module: cosine attention (q and k
-  L2-normalized, the per-head ``logit_scale`` clamped and exponentiated as stock, folded into q), the
-  continuous position bias from the module's own MLP once per call, gathered, ``16·sigmoid``, plus the
-  shift mask, all through the fused ``attention`` op's bias (with its gradient). Not yet in the fused
-  window kernel: it runs the general attention op over the partitioned windows.
+* :func:`install_swin_v2`: Swin V2 window attention (timm ``swin_transformer_v2.WindowAttention``,
+  torchvision ``ShiftedWindowAttentionV2``, Hugging Face ``Swinv2SelfAttention``) as an instance
+  ``forward`` on the stock module: cosine attention (q and k L2-normalized, the per-head
+  ``logit_scale`` clamped and exponentiated as stock, folded into q), the continuous position bias
+  from the module's own MLP once per call, gathered, ``16·sigmoid``, plus the shift mask, all through
+  the fused ``attention`` op's bias (with its gradient). Not yet in the fused window kernel: it runs
+  the general attention op over the partitioned windows.
 
 Neither timm nor torchvision is needed. The drop-in classes are Swin V1: ``from_module`` refuses Swin V2
 modules with a message.
@@ -327,11 +328,59 @@ def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = 
     return (out.transpose(1, 2).reshape(b, n, h * d),)
 
 
+def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], like: Tensor) -> Tensor:
+    """torchvision's shifted-window mask (nW, N, N): 0 within a region, -100 across regions."""
+    regions = like.new_zeros((pad_h, pad_w))
+    count = 0
+    for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            regions[h[0]:h[1], w[0]:w[1]] = count
+            count += 1
+    regions = regions.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
+    regions = regions.reshape(-1, window[0] * window[1])
+    diff = regions.unsqueeze(1) - regions.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+
+
+def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
+    """torchvision ``ShiftedWindowAttentionV2.forward`` (its ``shifted_window_attention``: pad, shift,
+    partition, cosine attention, reverse) with the attention as one fused call."""
+    window, b, h, w, c = list(self.window_size), *x.shape
+    pad_r, pad_b = (window[1] - w % window[1]) % window[1], (window[0] - h % window[0]) % window[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, ph, pw, _ = x.shape
+    shift = [0 if window[0] >= ph else self.shift_size[0], 0 if window[1] >= pw else self.shift_size[1]]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    nw, n = (ph // window[0]) * (pw // window[1]), window[0] * window[1]
+    x = x.view(b, ph // window[0], window[0], pw // window[1], window[1], c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b * nw, n, c)
+    qkv_bias = self.qkv.bias
+    if qkv_bias is not None:  # as stock: V2 has no key bias
+        length = qkv_bias.numel() // 3
+        qkv_bias = torch.cat((qkv_bias[:length], torch.zeros_like(qkv_bias[length:2 * length]),
+                              qkv_bias[2 * length:]))
+    q, k, v = F.linear(x, self.qkv.weight, qkv_bias).reshape(b * nw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    mask = _shift_mask(ph, pw, window, shift, x) if sum(shift) > 0 else None
+    bias = self.get_relative_position_bias().reshape(self.num_heads, n, n)
+    dropout = self.attention_dropout if self.training else 0.0
+    x = cosine_window_attention(q, k, v, self.logit_scale, bias, mask, dropout).transpose(1, 2).reshape(b * nw, n, c)
+    x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
+    x = x.view(b, ph // window[0], pw // window[1], window[0], window[1], c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, ph, pw, c)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
+
+
 def install_swin_v2(module: nn.Module) -> nn.Module:
     """Install the Swin V2 cosine path as ``module``'s instance ``forward`` (timm's
-    ``swin_transformer_v2.WindowAttention`` or transformers' ``Swinv2SelfAttention``); ``del module.forward``
+    ``swin_transformer_v2.WindowAttention``, torchvision's ``ShiftedWindowAttentionV2`` or transformers'
+    ``Swinv2SelfAttention``); ``del module.forward``
     (what :func:`fusedtx.unswap` does) restores the stock one. TypeError for anything else."""
-    if all(hasattr(module, a) for a in ("qkv", "cpb_mlp", "logit_scale", "relative_coords_table", "proj")):
+    if all(hasattr(module, a) for a in ("get_relative_position_bias", "shift_size", "attention_dropout", "cpb_mlp")):
+        forward = _torchvision_v2_forward
+    elif all(hasattr(module, a) for a in ("qkv", "cpb_mlp", "logit_scale", "relative_coords_table", "proj")):
         forward = _timm_v2_forward
     elif all(hasattr(module, a) for a in ("query", "key", "value", "continuous_position_bias_mlp", "logit_scale")):
         forward = _hf_v2_forward
