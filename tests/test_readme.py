@@ -132,7 +132,10 @@ def run_info(argv, cwd):
 
 def run_profile(argv, cwd):
     # The line as written, made tiny (argparse takes the last of a repeated option).
-    out = _run([*argv, "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch", "1", "--steps", "1"], cwd)
+    # As a user runs it on a CPU: no interpreter, so fusedtx takes its fast PyTorch path (the kernels are
+    # tested elsewhere; in the interpreter this line alone took half a minute).
+    out = _run([*argv, "--model", "vit_tiny_patch16_224", "--img-size", "64", "--batch", "1", "--steps", "1"], cwd,
+               TRITON_INTERPRET=None)
     report = cwd / _option(argv, "--out", "fusedtx-profile") / "report.md"
     assert report.is_file(), out
     assert "Speedup" in out and "fusedtx.swap: replaced" in out, out
@@ -140,7 +143,7 @@ def run_profile(argv, cwd):
 
 def run_bench(argv, cwd):
     assert "--quick" in argv, "a README bench line must be --quick, so that it runs here at a tiny size"
-    out = _run(argv, cwd)
+    out = _run(argv, cwd, TRITON_INTERPRET=None)  # as a CPU user runs it: the fast path, not the interpreter
     names = _positional(argv[2:], takes_value=("--out",))
     families = list(FAMILIES) if names in ([], ["all"]) else names
     folder = cwd / _option(argv, "--out", "fusedtx-bench")  # the documented default: ./fusedtx-bench
@@ -151,7 +154,7 @@ def run_bench(argv, cwd):
 
 def run_bench_module(argv, cwd):
     assert "--quick" in argv, "a README bench line must be --quick, so that it runs here at a tiny size"
-    out = _run(argv, cwd)
+    out = _run(argv, cwd, TRITON_INTERPRET=None)
     family = re.fullmatch(r"fusedtx\.bench\.bench_(\w+)", argv[2]).group(1)
     folder = cwd / _option(argv, "--out", "fusedtx-bench")
     table = folder / f"{family}.md"
@@ -179,7 +182,7 @@ def run_check(argv, cwd):
 
 def run_tune(argv, cwd):
     # The line as written, made tiny, its file kept in the test's folder.
-    out = _run([*argv, "--model", "vit_tiny_patch16_224", "--img-size", "32"] if "--shapes" not in argv else argv,
+    out = _run([*argv, "--model", "vit_tiny_patch16_224", "--img-size", "16"] if "--shapes" not in argv else argv,
                cwd, FUSEDTX_CONFIG_DIR=str(cwd))
     assert "kernel configs tuned" in out and list(cwd.glob("*.json")), out
 
