@@ -13,7 +13,6 @@ import copy
 import functools
 import inspect
 import re
-import types
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,12 +102,55 @@ def _hf_attention(module: nn.Module) -> nn.Module:
     return fused
 
 
+def _prenorm_forward(self, x, attn_mask=None, **kwargs):
+    """timm ViT ``Block.forward`` with the attention branch's residual add and ``norm2`` in one
+    ``layer_norm_gelu(..., activation="none", residual=x)`` call, which returns the normalized sum and the sum."""
+    y = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **kwargs)))
+    norm = self.norm2
+    h, x = layer_norm_gelu(y, norm.weight, norm.bias, norm.eps, activation="none", residual=x)
+    return x + self.drop_path2(self.ls2(self.mlp(h)))
+
+
+def _install_prenorm(block: nn.Module) -> nn.Module:
+    """Install :func:`_prenorm_forward` on a timm ViT ``Block`` whose ``norm2`` is a last-dim LayerNorm."""
+    check = getattr(block, "norm2", None)
+    if not isinstance(check, nn.LayerNorm) or len(check.normalized_shape) != 1:
+        raise TypeError(f"its norm2 ({type(check).__name__}) is not a LayerNorm over the last dimension")
+    for name in ("norm1", "attn", "ls1", "drop_path1", "ls2", "drop_path2", "mlp"):
+        if not hasattr(block, name):
+            raise TypeError(f"it lacks {name}: not the timm ViT Block the fused residual path is written for")
+    object.__setattr__(block, "forward", fnn.attention.InstalledForward(block, _prenorm_forward))
+    return block
+
+
+def _routed_forward(self, *args, **kwargs):
+    """The ``forward`` swap installs on a module that calls SDPA itself: its class's forward, with every
+    ``F.scaled_dot_product_attention`` call inside it computed by the fused op (:class:`fnn.attention.SDPARoute`)."""
+    with fnn.attention.SDPARoute():
+        return type(self).forward(self, *args, **kwargs)
+
+
+def _install_route(module: nn.Module) -> nn.Module:
+    """Install the SDPA route on ``module`` (an instance ``forward``, see ``InstalledForward``); timm's
+    ``fused_attn = False`` (its switch to the non-SDPA path) is turned on, and put back by unswap."""
+    if getattr(module, "fused_attn", True) is False:
+        object.__setattr__(module, "_fusedtx_restore", {"fused_attn": module.__dict__.get("fused_attn", _MISSING)})
+        object.__setattr__(module, "fused_attn", True)
+    object.__setattr__(module, "forward", fnn.attention.InstalledForward(module, _routed_forward))
+    return module
+
+
+_MISSING = object()
+def _install_swin_block(block: nn.Module) -> nn.Module:
+    return fnn.SwinBlockAttention.from_module(block, install=True)
+
+
 RULES: list[Rule] = [
     Rule("norm", "LayerNorm", ("torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"),
          fnn.LayerNorm.from_module),
     # x + ls1(attn(norm1(x))) then norm2: one layer_norm_gelu call with the residual (the block's forward).
     Rule("norm", "pre-norm residual add", ("timm.models.vision_transformer.Block",),
-         lambda block: _install_prenorm(block), installs="forward"),
+         _install_prenorm, installs="forward"),
     # torchvision's ViT encoder blocks use nn.MultiheadAttention too.
     Rule("attention", "MultiheadAttention", ("torch.nn.modules.activation.MultiheadAttention",),
          fnn.MultiheadAttention.from_module),
@@ -129,7 +171,7 @@ RULES: list[Rule] = [
     Rule("window_attention", "torchvision ShiftedWindowAttention",
          ("torchvision.models.swin_transformer.ShiftedWindowAttention",), fnn.ShiftedWindowAttention.from_module),
     Rule("window_attention", "timm Swin block attention", ("timm.models.swin_transformer.SwinTransformerBlock",),
-         lambda block: fnn.SwinBlockAttention.from_module(block, install=True), installs="_attn", skip=("attn",)),
+         _install_swin_block, installs="_attn", skip=("attn",)),
     Rule("window_attention", "timm WindowAttention", ("timm.models.swin_transformer.WindowAttention",),
          fnn.WindowAttention.from_module),
     # Swin V2: cosine attention and the continuous position bias, as an instance forward on the stock module.
@@ -143,45 +185,6 @@ RULES: list[Rule] = [
 
 
 
-def _prenorm_forward(self, x, attn_mask=None, **kwargs):
-    """timm ViT ``Block.forward`` with the attention branch's residual add and ``norm2`` in one
-    ``layer_norm_gelu(..., activation="none", residual=x)`` call, which returns the normalized sum and the sum."""
-    y = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **kwargs)))
-    norm = self.norm2
-    h, x = layer_norm_gelu(y, norm.weight, norm.bias, norm.eps, activation="none", residual=x)
-    return x + self.drop_path2(self.ls2(self.mlp(h)))
-
-
-def _install_prenorm(block: nn.Module) -> nn.Module:
-    """Install :func:`_prenorm_forward` on a timm ViT ``Block`` whose ``norm2`` is a last-dim LayerNorm."""
-    check = getattr(block, "norm2", None)
-    if not isinstance(check, nn.LayerNorm) or len(check.normalized_shape) != 1:
-        raise TypeError(f"its norm2 ({type(check).__name__}) is not a LayerNorm over the last dimension")
-    for name in ("norm1", "attn", "ls1", "drop_path1", "ls2", "drop_path2", "mlp"):
-        if not hasattr(block, name):
-            raise TypeError(f"it lacks {name}: not the timm ViT Block the fused residual path is written for")
-    object.__setattr__(block, "forward", types.MethodType(_prenorm_forward, block))
-    return block
-
-
-def _routed_forward(self, *args, **kwargs):
-    """The ``forward`` swap installs on a module that calls SDPA itself: its class's forward, with every
-    ``F.scaled_dot_product_attention`` call inside it computed by the fused op (:class:`fnn.attention.SDPARoute`)."""
-    with fnn.attention.SDPARoute():
-        return type(self).forward(self, *args, **kwargs)
-
-
-def _install_route(module: nn.Module) -> nn.Module:
-    """Install the SDPA route on ``module`` (an instance ``forward``; a bound method, so deep copies follow
-    the copy); timm's ``fused_attn = False`` (its switch to the non-SDPA path) is turned on, and put back by unswap."""
-    if getattr(module, "fused_attn", True) is False:
-        object.__setattr__(module, "_fusedtx_restore", {"fused_attn": module.__dict__.get("fused_attn", _MISSING)})
-        object.__setattr__(module, "fused_attn", True)
-    object.__setattr__(module, "forward", types.MethodType(_routed_forward, module))
-    return module
-
-
-_MISSING = object()
 SDPA_ROUTE = Rule("attention", "SDPA route", (), _install_route, installs="forward")
 HF_INTERFACE = Rule("attention", "Hugging Face attention", (), _hf_attention)
 

@@ -2,6 +2,7 @@
 coverage (random weights, tiny configs, no downloads)."""
 
 import copy
+import io
 
 import pytest
 import timm
@@ -51,6 +52,10 @@ def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     for n, p in model.named_parameters():
         if n in ref_params and ref_params[n].norm() > 1e-5:  # not one that is zero in exact arithmetic
             assert_close(p.grad, ref_params[n], torch.float32, f"{n} gradient", tol=TOL)
+    copied = copy.deepcopy(model)  # installed forwards follow the copy, and pickle
+    assert all(m.__dict__["forward"].module is m for m in copied.modules() if "forward" in m.__dict__)
+    buf = io.BytesIO()
+    torch.save(copied, buf)
     unswap(model)
     assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == stock_fwd
     return report

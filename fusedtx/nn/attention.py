@@ -380,3 +380,15 @@ def register_hf_attention() -> None:
         from transformers.masking_utils import sdpa_mask
 
         masks.register("fusedtx", sdpa_mask)
+
+
+class InstalledForward:
+    """A ``forward`` installed on one module instance: calls ``fn(module, *args, **kwargs)``. Unlike a bound
+    method of a module-level function, it pickles (``torch.save(model)``), and a deep copy of the module
+    gets one bound to the copy."""
+
+    def __init__(self, module: nn.Module, fn) -> None:
+        self.module, self.fn = module, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)

@@ -26,14 +26,13 @@ PyTorch path and warns once (see :func:`fusedtx.window_attention`).
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedtx import reference
-from fusedtx.nn.attention import check_like
+from fusedtx.nn.attention import InstalledForward, check_like
 from fusedtx.ops.attention import attention
 from fusedtx.ops.window_attention import window_attention, window_pair
 
@@ -386,5 +385,5 @@ def install_swin_v2(module: nn.Module) -> nn.Module:
         forward = _hf_v2_forward
     else:
         raise TypeError(f"module must be a timm or Hugging Face Swin V2 window attention, got {type(module).__name__}")
-    object.__setattr__(module, "forward", types.MethodType(forward, module))
+    object.__setattr__(module, "forward", InstalledForward(module, forward))
     return module
