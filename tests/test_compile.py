@@ -99,8 +99,22 @@ def _sinusoidal_cases(layout):
         yield OPS.sincos_2d, (2, 3, 8, 1, 10000.0, "timm", torch.float32, DEVICE)
 
 
+def _highres_cases(layout):
+    yield OPS.patch_scores, (_randn(2, 3, 9, 13, layout=layout), 4, "variance")
+    yield OPS.patch_scores, (_randn(2, 3, 9, 13, layout=layout), 4, "gradient")
+    tokens = _randn(2, 6, 8, layout=layout, grad=True)
+    index = _lay(torch.tensor([[4, 0, 2], [1, 5, 3]], device=DEVICE), layout)
+    yield OPS.gather_tokens, (tokens, index, _randn(1, 6, 8, layout=layout, grad=True),
+                              _randn(2, 1, 8, layout=layout, grad=True))
+    yield OPS.match_tokens, (_randn(2, 5, 8, layout=layout), _randn(2, 7, 8, layout=layout))
+    dst = _lay(torch.tensor([[0, 2, 2], [1, 1, 0]], device=DEVICE), layout)
+    sizes = (_lay(torch.rand(2, n, device=DEVICE) + 0.5, layout) for n in (4, 3))
+    yield OPS.merge_weighted, (_randn(2, 4, 8, layout=layout, grad=True), next(sizes),
+                               _randn(2, 3, 8, layout=layout, grad=True), next(sizes), dst)
+
+
 FAMILIES = {"layer_norm_gelu": _layer_norm_cases, "attention": _attention_cases,
-            "window_attention": _window_cases, "sinusoidal": _sinusoidal_cases}
+            "window_attention": _window_cases, "sinusoidal": _sinusoidal_cases, "highres": _highres_cases}
 
 
 # opcheck's aot_dispatch_dynamic check (a trace with symbolic shapes, the forward and backward run

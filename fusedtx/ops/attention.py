@@ -9,6 +9,7 @@ from fusedtx import _backend
 from fusedtx.kernels.support import ATTENTION_MAX_HEAD_DIM, KERNEL_DTYPES, empty_bnhd, span
 from fusedtx.ops.common import (
     DROPOUT,
+    call,
     check_probability,
     check_same_device,
     check_tensor,
@@ -180,5 +181,5 @@ def attention(
     impl = fallback("attention", q.device, DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None)
     if impl is not None:
         return impl.attention(q, k, v, bias, key_padding_mask, bool(causal), scale, dropout_p=dropout_p)
-    out, _ = _attention_fwd(q, k, v, bias, key_padding_mask, bool(causal), scale)
+    out, _ = call(_attention_fwd, q, k, v, bias, key_padding_mask, bool(causal), scale)
     return out

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedtx import _backend, reference
-from fusedtx.ops.common import check_tensor, implementation, kernels, or_empty, unsupported_dtype, vjp
+from fusedtx.ops.common import call, check_tensor, implementation, kernels, or_empty, unsupported_dtype, vjp
 
 
 @torch.library.custom_op("fusedtx::layer_norm_gelu_fwd", mutates_args=())
@@ -139,7 +139,7 @@ def layer_norm_gelu(
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # CUDA autocast runs layer_norm in float32 (its fp32 list); CPU autocast leaves it alone.
         x, weight, bias, residual = (t.float() if t is not None else None for t in (x, weight, bias, residual))
-    y, s, _, _ = _layer_norm_gelu_fwd(x, weight, bias, residual, float(eps), activation)
+    y, s, _, _ = call(_layer_norm_gelu_fwd, x, weight, bias, residual, float(eps), activation)
     return y if residual is None else (y, s)
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from fusedtx import _backend, fastpath, reference
 from fusedtx.kernels.support import SINCOS_2D_MAX_CELLS
-from fusedtx.ops.common import check_count, check_dtype, check_tensor, kernels, unsupported_dtype
+from fusedtx.ops.common import call, check_count, check_dtype, check_tensor, kernels, unsupported_dtype
 
 
 def check_encoding_args(dim, multiple: int, base, layout: str, layouts: tuple[str, ...]) -> None:
@@ -194,7 +194,7 @@ def sinusoidal_encoding(
     device = _resolve_device(device, positions)
     if positions is not None:
         positions = _check_positions(positions, length, device)
-    return _sinusoidal_encoding(length, dim, positions, offset, float(base), layout, dtype, device)
+    return call(_sinusoidal_encoding, length, dim, positions, offset, float(base), layout, dtype, device)
 
 
 def sincos_2d(
@@ -229,7 +229,7 @@ def sincos_2d(
     check_encoding_args(dim, 4, base, layout, reference.SINCOS_2D_LAYOUTS)
     check_dtype("dtype", dtype)
     device = _resolve_device(device, None)
-    return _sincos_2d(grid_h, grid_w, dim, num_prefix_tokens, float(base), layout, dtype, device)
+    return call(_sincos_2d, grid_h, grid_w, dim, num_prefix_tokens, float(base), layout, dtype, device)
 
 
 def add_sinusoidal(
@@ -260,7 +260,7 @@ def add_sinusoidal(
     check_count("offset", offset, -(2**62))
     if positions is not None:
         positions = _check_positions(positions, seq, x.device, batch=x.shape[0])
-    return _add_sinusoidal(x, positions, offset, float(base), layout)
+    return call(_add_sinusoidal, x, positions, offset, float(base), layout)
 
 
 def add_sincos_2d(
@@ -294,4 +294,4 @@ def add_sincos_2d(
             f"x must have num_prefix_tokens + grid_h * grid_w = {num_prefix_tokens + grid_h * grid_w} tokens "
             f"(dim 1), got shape {tuple(x.shape)}"
         )
-    return _add_sincos_2d(x, grid_h, grid_w, num_prefix_tokens, float(base), layout)
+    return call(_add_sincos_2d, x, grid_h, grid_w, num_prefix_tokens, float(base), layout)

@@ -9,6 +9,7 @@ from fusedtx import _backend, reference
 from fusedtx.kernels.support import WINDOW_MAX_HEAD_DIM, WINDOW_MAX_TOKENS, span, window_fp32_backward_covers
 from fusedtx.ops.common import (
     DROPOUT,
+    call,
     check_count,
     check_probability,
     check_tensor,
@@ -213,6 +214,6 @@ def window_attention(
     if impl is not None:
         return impl.window_attention(qkv, (wh, ww), shift, rel_pos_bias_table, num_heads, qkv_bias, scale,
                                           order, mask, dropout_p)
-    out, _ = _window_attention_fwd(qkv, rel_pos_bias_table, qkv_bias, mask, [wh, ww], list(shift), num_heads,
+    out, _ = call(_window_attention_fwd, qkv, rel_pos_bias_table, qkv_bias, mask, [wh, ww], list(shift), num_heads,
                                    scale, order)
     return out
