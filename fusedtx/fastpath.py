@@ -302,7 +302,7 @@ def gather_tokens(tokens, index, pos=None, prefix=None):
     if pos is not None:
         picked = torch.gather(pos.expand(bsz, -1, -1), 1, idx)
         if rows.dtype in (torch.float16, torch.bfloat16) or picked.dtype != rows.dtype:
-            ct = torch.float64 if rows.dtype == torch.float64 else torch.float32
+            ct = reference.compute_dtype(rows.dtype)
             rows = (rows.to(ct) + picked.to(ct)).to(tokens.dtype)
         else:
             rows = rows + picked
@@ -314,7 +314,7 @@ def gather_tokens(tokens, index, pos=None, prefix=None):
 def match_tokens(a, b, eps=1e-12):
     """:func:`fusedtx.reference.match_tokens` streaming over B in chunks of ``MATCH_CHUNK`` with a running
     max and argmax (the earlier chunk keeps ties), so no (Na, Nb) matrix exists at once."""
-    ct = torch.float64 if a.dtype == torch.float64 else torch.float32
+    ct = reference.compute_dtype(a.dtype)
     an = F.normalize(a.to(ct), dim=-1, eps=eps)
     nb = b.shape[1]
     best = idx = None
@@ -335,7 +335,7 @@ def match_tokens(a, b, eps=1e-12):
 def merge_weighted(xb, sb, xs, ss, dst):
     """:func:`fusedtx.reference.merge_weighted` as two ``scatter_add``: weighted sums and sizes, then one
     division."""
-    ct = torch.float64 if xb.dtype == torch.float64 else torch.float32
+    ct = reference.compute_dtype(xb.dtype)
     c = xb.shape[-1]
     wsb, wss = sb.to(ct), ss.to(ct)
     acc = (xb.to(ct) * wsb[..., None]).scatter_add_(1, dst[..., None].expand(-1, -1, c), xs.to(ct) * wss[..., None])

@@ -79,7 +79,7 @@ class Run:
         return statistics.median(self.times_ms)
 
 
-def _time_once(fn, device: torch.device) -> float:
+def time_once(fn, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -171,7 +171,7 @@ def _profile(fn, device: torch.device, trace: Path) -> dict[str, float]:
 def measure(models: dict[str, nn.Module], images: torch.Tensor, kwargs: dict, steps: int,
             out_dir: Path) -> tuple[dict[str, Run], dict[str, torch.Tensor]]:
     """Time the models interleaved (one step of each in turn, so a drift of the machine hits all alike),
-    then measure each one's peak memory and profile one step of each. Returns the runs and the outputs."""
+    then profile one step of each, measuring its peak memory. Returns the runs and the outputs."""
     device = images.device
     runs = {label: Run(label) for label in models}
     outputs: dict[str, torch.Tensor] = {}
@@ -183,14 +183,13 @@ def measure(models: dict[str, nn.Module], images: torch.Tensor, kwargs: dict, st
         with tqdm(total=steps * len(models), desc="fusedtx profile", unit="step", file=sys.stderr) as bar:
             for _ in range(steps):
                 for label, step in steps_of.items():
-                    runs[label].times_ms.append(_time_once(step, device))
+                    runs[label].times_ms.append(time_once(step, device))
                     bar.set_postfix_str(label)
                     bar.update()
-        for label, step in steps_of.items():
+        for label, step in steps_of.items():  # the profiled step also gives the peak (no extra step)
             peak.reset()
-            step()
-            runs[label].peak_mb = peak.read()
             runs[label].by_family_ms = _profile(step, device, out_dir / f"trace_{label}.json")
+            runs[label].peak_mb = peak.read()
     return runs, outputs
 
 

@@ -38,22 +38,19 @@ class Rule:
 
 
 @functools.cache
-def _selects_attention_function(cls: type) -> bool | None:
-    """Whether ``cls.forward`` picks its attention function by ``config._attn_implementation``; None when
-    its source cannot be read (a frozen or compiled install)."""
-    try:
-        return "_attn_implementation" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return None
-
-
-@functools.cache
 def _source(cls: type, attr: str | None = None) -> str | None:
-    """The source of ``cls`` (or of its ``attr``), None when it cannot be read."""
+    """The source of ``cls`` (or of its ``attr``), None when it cannot be read (a frozen or compiled install)."""
     try:
         return inspect.getsource(getattr(cls, attr) if attr else cls)
     except (OSError, TypeError):
         return None
+
+
+def _selects_attention_function(cls: type) -> bool | None:
+    """Whether ``cls.forward`` picks its attention function by ``config._attn_implementation``; None when
+    its source cannot be read."""
+    source = _source(cls, "forward")
+    return None if source is None else "_attn_implementation" in source
 
 
 @functools.cache

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtx.kernels.softmax_core import (
+from .softmax_core import (
     LOG2E,
     block_d,
     finish_rows,
@@ -56,8 +56,8 @@ from fusedtx.kernels.softmax_core import (
     scores,
     softmax_bwd,
 )
-from fusedtx.kernels.support import dot_precision, empty_bnhd, interpreter_enabled
-from fusedtx.kernels.tuning import Tuning, device_family, launch, tuned_or
+from .support import dot_precision, empty_bnhd, interpreter_enabled
+from .tuning import Tuning, device_family, launch, tuned_or
 
 # --------------------------------------------------------------------------------------------------
 # Helpers

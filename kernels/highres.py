@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtx.kernels.support import dot_precision, interpreter_enabled
+from .support import dot_precision, interpreter_enabled
 
 VARIANCE, GRADIENT = 0, 1
 METHODS = {"variance": VARIANCE, "gradient": GRADIENT}

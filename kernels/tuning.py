@@ -24,7 +24,7 @@ import torch
 import triton
 from triton.runtime import OutOfResources
 
-from fusedtx.kernels.support import CONSERVATIVE_FAMILY, arch_family
+from .support import CONSERVATIVE_FAMILY, arch_family
 
 Config = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 MIN_BLOCK = 16  # the smallest tl.dot size

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtx.kernels.softmax_core import (
+from .softmax_core import (
     LOG2E,
     add_bias,
     block_d,
@@ -55,8 +55,8 @@ from fusedtx.kernels.softmax_core import (
     scores,
     softmax_bwd,
 )
-from fusedtx.kernels.support import dot_precision, interpreter_enabled
-from fusedtx.kernels.tuning import Tuning, device_family, launch, tuned_or
+from .support import dot_precision, interpreter_enabled
+from .tuning import Tuning, device_family, launch, tuned_or
 
 _LOG2E = tl.constexpr(LOG2E)
 _SHIFT_MASK_LOG2 = tl.constexpr(-100.0 * LOG2E)  # the stock modules' -100 between regions, in log2 units

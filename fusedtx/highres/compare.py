@@ -112,7 +112,7 @@ def label_of(label: str, model: highres.HighResModel, size: int) -> str:
 
 
 def run(args, device: torch.device, dtype: torch.dtype) -> int:
-    from fusedtx.profile import PeakMemory, _time_once
+    from fusedtx.profile import PeakMemory, time_once
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def run(args, device: torch.device, dtype: torch.dtype) -> int:
                   file=sys.stderr) as bar:
             for _ in range(args.steps):
                 for label, m in models.items():
-                    times[label].append(_time_once(lambda m=m: m.features(images), device))
+                    times[label].append(time_once(lambda m=m: m.features(images), device))
                     bar.set_postfix_str(label)
                     bar.update()
     text, points = report(args, device, models, feats, times, peaks, skipped)

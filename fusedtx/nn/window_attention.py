@@ -327,20 +327,6 @@ def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = 
     return (out.transpose(1, 2).reshape(b, n, h * d),)
 
 
-def _shift_mask(pad_h: int, pad_w: int, window: list[int], shift: list[int], like: Tensor) -> Tensor:
-    """torchvision's shifted-window mask (nW, N, N): 0 within a region, -100 across regions."""
-    regions = like.new_zeros((pad_h, pad_w))
-    count = 0
-    for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
-        for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
-            regions[h[0]:h[1], w[0]:w[1]] = count
-            count += 1
-    regions = regions.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
-    regions = regions.reshape(-1, window[0] * window[1])
-    diff = regions.unsqueeze(1) - regions.unsqueeze(2)
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
-
-
 def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
     """torchvision ``ShiftedWindowAttentionV2.forward`` (its ``shifted_window_attention``: pad, shift,
     partition, cosine attention, reverse) with the attention as one fused call."""
@@ -348,7 +334,7 @@ def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
     pad_r, pad_b = (window[1] - w % window[1]) % window[1], (window[0] - h % window[0]) % window[0]
     x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
     _, ph, pw, _ = x.shape
-    shift = [0 if window[0] >= ph else self.shift_size[0], 0 if window[1] >= pw else self.shift_size[1]]
+    shift = reference.effective_shift((h, w), window, self.shift_size, "torchvision")
     if sum(shift) > 0:
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     nw, n = (ph // window[0]) * (pw // window[1]), window[0] * window[1]
@@ -360,7 +346,7 @@ def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
         qkv_bias = torch.cat((qkv_bias[:length], torch.zeros_like(qkv_bias[length:2 * length]),
                               qkv_bias[2 * length:]))
     q, k, v = F.linear(x, self.qkv.weight, qkv_bias).reshape(b * nw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    mask = _shift_mask(ph, pw, window, shift, x) if sum(shift) > 0 else None
+    mask = reference.shift_mask((ph, pw), window, shift, x.dtype, x.device) if sum(shift) > 0 else None
     bias = self.get_relative_position_bias().reshape(self.num_heads, n, n)
     dropout = self.attention_dropout if self.training else 0.0
     x = cosine_window_attention(q, k, v, self.logit_scale, bias, mask, dropout).transpose(1, 2).reshape(b * nw, n, c)

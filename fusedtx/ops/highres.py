@@ -16,6 +16,7 @@ from torch import Tensor
 from fusedtx import _backend, reference
 from fusedtx.kernels.support import HIGHRES_MAX_MATCH_DIM, HIGHRES_MAX_PATCH
 from fusedtx.ops.common import (
+    call,
     check_count,
     check_same_device,
     check_tensor,
@@ -27,10 +28,6 @@ from fusedtx.ops.common import (
 )
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_index(name: str, index: Tensor, like: tuple[str, Tensor], shape: tuple[int, int]) -> None:
@@ -54,13 +51,14 @@ def _patch_scores(images: Tensor, patch_size: int, method: str) -> Tensor:
     backend = _backend.select("patch_scores", images.device, reason)
     if backend == "triton":
         return kernels("highres").patch_scores(images, patch_size, method)
-    return implementation(backend).patch_scores(images, patch_size, method).to(_score_dtype(images.dtype)).contiguous()
+    scores = implementation(backend).patch_scores(images, patch_size, method)
+    return scores.to(reference.compute_dtype(images.dtype)).contiguous()
 
 
 @_patch_scores.register_fake
 def _(images, patch_size, method):
     b, _, h, w = images.shape
-    return images.new_empty((b, (h // patch_size) * (w // patch_size)), dtype=_score_dtype(images.dtype))
+    return images.new_empty((b, (h // patch_size) * (w // patch_size)), dtype=reference.compute_dtype(images.dtype))
 
 
 def patch_scores(images: Tensor, patch_size: int, method: str = "variance") -> Tensor:
@@ -77,7 +75,7 @@ def patch_scores(images: Tensor, patch_size: int, method: str = "variance") -> T
         raise ValueError(f"method must be one of {reference.PATCH_SCORES}, got {method!r}")
     if images.shape[-2] < patch_size or images.shape[-1] < patch_size:
         raise ValueError(f"images of {tuple(images.shape[-2:])} pixels hold no whole patch of {patch_size}")
-    return _patch_scores(images.detach(), int(patch_size), method)
+    return call(_patch_scores, images.detach(), int(patch_size), method)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +149,7 @@ def gather_tokens(tokens: Tensor, index: Tensor, pos: Tensor | None = None, pref
         if prefix.dim() != 3 or prefix.shape[0] != bsz or prefix.shape[2] != c:
             raise ValueError(f"prefix must have shape (B, P, C) = ({bsz}, P, {c}), got {tuple(prefix.shape)}")
         prefix = prefix.to(tokens.dtype)
-    return _gather_tokens(tokens, index.long(), pos, prefix)
+    return call(_gather_tokens, tokens, index.long(), pos, prefix)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,13 +165,13 @@ def _match_tokens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         return kernels("highres").match_tokens(a, b)
     score, index = implementation(backend).match_tokens(a, b)
-    return score.to(_score_dtype(a.dtype)).contiguous(), index.long().contiguous()
+    return score.to(reference.compute_dtype(a.dtype)).contiguous(), index.long().contiguous()
 
 
 @_match_tokens.register_fake
 def _(a, b):
     shape = a.shape[:2]
-    return a.new_empty(shape, dtype=_score_dtype(a.dtype)), a.new_empty(shape, dtype=torch.int64)
+    return a.new_empty(shape, dtype=reference.compute_dtype(a.dtype)), a.new_empty(shape, dtype=torch.int64)
 
 
 def match_tokens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,7 +188,7 @@ def match_tokens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"b must have shape (B, Nb, D) = ({a.shape[0]}, Nb, {a.shape[2]}), got {tuple(b.shape)}")
     if b.shape[1] < 1:
         raise ValueError("b must hold at least one token")
-    return _match_tokens(a.detach(), b.detach())
+    return call(_match_tokens, a.detach(), b.detach())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +256,7 @@ def merge_weighted(xb: Tensor, sb: Tensor, xs: Tensor, ss: Tensor, dst: Tensor) 
     _check_index("dst", dst, ("xb", xb), (bsz, r))
     if dst.numel() and (int(dst.min()) < 0 or int(dst.max()) >= nb):
         raise ValueError(f"dst must lie in [0, {nb}) (the destination count)")
-    return _merge_weighted(xb, sb, xs, ss, dst.long())
+    return call(_merge_weighted, xb, sb, xs, ss, dst.long())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,11 +344,11 @@ def merge_step(x: Tensor, r: int, metric: Tensor, sizes: Tensor, p: int) -> tupl
     loop inside a model takes this (the checks of a destination index would synchronize a GPU per block)."""
     xa, xb = x[:, p::2], x[:, p + 1::2]
     sa, sb = sizes[:, p::2], sizes[:, p + 1::2]
-    score, match = _match_tokens(metric[:, p::2].detach(), metric[:, p + 1::2].detach())
+    score, match = call(_match_tokens, metric[:, p::2].detach(), metric[:, p + 1::2].detach())
     order = score.argsort(dim=1, descending=True)
     src, keep = order[:, :r], order[:, r:].sort(dim=1).values
     dst = match.gather(1, src)
-    merged, merged_sizes = _merge_weighted(xb, sb, _rows(xa, src), sa.gather(1, src).to(sb.dtype), dst)
+    merged, merged_sizes = call(_merge_weighted, xb, sb, _rows(xa, src), sa.gather(1, src).to(sb.dtype), dst)
     out = torch.cat([x[:, :p], _rows(xa, keep), merged], dim=1)
     out_sizes = torch.cat([sizes[:, :p], sa.gather(1, keep), merged_sizes], dim=1)
     return out, out_sizes
