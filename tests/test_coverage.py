@@ -15,9 +15,10 @@ import fusedtx
 from fusedtx.nn.attention import SDPARoute, sdpa
 from fusedtx.surgery import swap, unswap
 from tests.conftest import DEVICE
-from tests.helpers import assert_close, dot_tolerance
+from tests.helpers import assert_close, dot_tolerance, rel_error
 
 TOL = dot_tolerance(torch.float32)
+STOCK_FACTOR = 4  # a gradient's error bound, in units of stock float32's own error, where that is larger
 
 
 def _run(model, x, dy=None, grads=True):
@@ -37,12 +38,17 @@ def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     attention modules fused, none left unlisted; unswap puts every method back."""
     model = model.to(DEVICE).train(train)
     stock_fwd = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
-    # The stock model in float64 is the reference: a float32 stock run differs from the exact gradient by
-    # as much as the fused one does (the logit scale's gradient sums the whole map), so it cannot judge it.
+    # The stock model in float64 is the reference. A parameter whose gradient sums a whole map with
+    # cancellation (Swin V2's logit scale) is ill-conditioned: stock float32 itself misses the float32 bound
+    # on some seeds, so such a gradient may be off by up to STOCK_FACTOR times stock float32's own error.
     stock64 = copy.deepcopy(model).double()
     ref_out, ref_grad, dy = _run(stock64, x.double(), grads=grads)
     assert ref_out.norm() > 0 and ref_grad.norm() > 0  # a zero-initialized head would make the check vacuous
     ref_params = {n: p.grad.clone() for n, p in stock64.named_parameters() if p.grad is not None}
+    stock32 = copy.deepcopy(model)
+    if grads:
+        _run(stock32, x, dy.float())
+    stock_err = {n: rel_error(p.grad, ref_params[n]) for n, p in stock32.named_parameters() if n in ref_params}
     report = swap(model, **swap_kwargs)
     done, total = report.coverage["attention"]
     assert done == fused_attention, str(report)
@@ -53,7 +59,8 @@ def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     assert_close(grad, ref_grad, torch.float32, "input gradient", tol=TOL)
     for n, p in model.named_parameters():
         if n in ref_params and ref_params[n].norm() > 1e-5:  # not one that is zero in exact arithmetic
-            assert_close(p.grad, ref_params[n], torch.float32, f"{n} gradient", tol=TOL)
+            tol = max(TOL, STOCK_FACTOR * stock_err[n])
+            assert_close(p.grad, ref_params[n], torch.float32, f"{n} gradient", tol=tol)
     copied = copy.deepcopy(model)  # installed forwards follow the copy, and pickle
     assert all(m.__dict__["forward"].module is m for m in copied.modules() if "forward" in m.__dict__)
     buf = io.BytesIO()
