@@ -118,7 +118,8 @@ CASES: dict[str, Callable[[bool], dict[str, Callable[[], object]]]] = {
 def time_interleaved(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
     """Median ms of each callable, the callables taking turns (after one warm-up call each), for as many
     rounds as fit in ``budget_s`` (at least ``min_reps``, at most 200): short ops get enough rounds for a
-    stable median."""
+    stable median. Every other round runs them in reverse order, so that neither always follows the other
+    (the one that runs second inherits the first's freed memory and idle threads)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -126,8 +127,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], budget_s: float, min_
             fn()
         round_s = time.perf_counter() - t0
         reps = max(min_reps, min(200, int(budget_s / max(round_s, 1e-6))))
-        for _ in range(reps):
-            for name, fn in fns.items():
+        for rep in range(reps):
+            for name, fn in (fns.items() if rep % 2 == 0 else reversed(fns.items())):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
@@ -215,7 +216,7 @@ def run(out_dir: Path | str, quick: bool = False, device: torch.device | None = 
     for case, make in CASES.items():
         with fusedtx.use_backend("torch"):
             fns = make(quick)
-            ms = time_interleaved(fns, budget_s=0.5 if quick else 6.0, min_reps=3 if quick else 5)
+            ms = time_interleaved(fns, budget_s=0.5 if quick else 12.0, min_reps=3 if quick else 8)
             del fns
         # A fresh process per (case, implementation) takes seconds: --quick measures the first case only.
         measured = not quick or not table.rows

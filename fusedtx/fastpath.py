@@ -30,9 +30,10 @@ from fusedtx import reference
 # --------------------------------------------------------------------------------------------------
 
 
-def _activate(z: torch.Tensor, name: str) -> torch.Tensor:
-    """The activation of the fresh LayerNorm output ``z``, in place when autograd is not recording: a second
-    output buffer costs more than the activation on a CPU (a new 25 MB tensor is 6,000 page faults)."""
+def activate(z: torch.Tensor, name: str) -> torch.Tensor:
+    """The activation (a name of ``reference.ACTIVATIONS``) of a fresh tensor ``z`` that nothing else
+    holds, in place when autograd is not recording: a second output buffer costs more than the activation
+    on a CPU (a new 25 MB tensor is 6,000 page faults)."""
     if name == "none":
         return z
     approximate = "tanh" if name == "gelu_tanh" else "none"
@@ -52,7 +53,7 @@ def layer_norm_gelu(x, weight=None, bias=None, eps=1e-5, activation="gelu", resi
         stats = (mean.squeeze(-1), rstd.squeeze(-1))
     else:
         z, stats = F.layer_norm(s, (n,), weight, bias, eps), ()
-    y = _activate(z, activation)
+    y = activate(z, activation)
     out = (y,) if residual is None else (y, s)
     out += stats
     return out if len(out) > 1 else y

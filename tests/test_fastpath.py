@@ -80,6 +80,33 @@ def test_attention(dtype, nq, nk, masks):
         assert_close(got, want, dtype, f"grad {'qkvb'[i]}", tol=4 * TOL[dtype])
 
 
+@pytest.mark.parametrize("layout", ["head-split views", "contiguous"])
+def test_eager_inference_skips_the_backward_state(layout):
+    """Eager inference runs the forward without the statistics and log-sum-exp only a backward reads
+    (``F.layer_norm``, public SDPA): the same numbers as the float64 reference."""
+    b, n, h, d = 2, 37, 3, 24
+    x = torch.randn(b, n, h * d, device=DEVICE)
+    r = torch.randn_like(x)
+    w, bias_ln = torch.randn(h * d, device=DEVICE), torch.randn(h * d, device=DEVICE)
+    qkv = torch.randn(b, n, 3, h, d, device=DEVICE).permute(2, 0, 3, 1, 4)
+    q, k, v = (t.contiguous() if layout == "contiguous" else t for t in qkv.unbind(0))
+    bias = torch.randn(1, h, n, n, device=DEVICE)
+    kpm = torch.rand(b, n, device=DEVICE) < 0.3
+    kpm[1] = True  # fully masked rows
+    with torch.inference_mode():
+        y, s = fusedtx.layer_norm_gelu(x, w, bias_ln, residual=r)
+        out = fusedtx.attention(q, k, v, bias=bias, key_padding_mask=kpm, causal=True)
+    y_ref, s_ref = reference.layer_norm_gelu(x.double(), w.double(), bias_ln.double(), 1e-5, "gelu", r.double())
+    assert_close(y, y_ref, torch.float32, "y", tol=TOL[torch.float32])
+    assert torch.equal(s, x + r)
+    ref = reference.attention(q.double(), k.double(), v.double(), bias.double(), kpm, True)
+    assert_close(out, ref, torch.float32, "out", tol=TOL[torch.float32])
+    assert (out[1] == 0).all(), "fully masked rows give zeros"
+    if layout == "head-split views":  # as documented: merging the heads of a model's views stays free
+        assert out.transpose(1, 2).is_contiguous()
+
+
+
 def test_attention_dropout_takes_the_fast_path():
     q = torch.randn(1, 2, 16, 8, device=DEVICE)
     torch.manual_seed(1)

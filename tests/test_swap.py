@@ -43,7 +43,8 @@ def _check_swap_matches(model, x, expected_counts, **kwargs):
 def test_timm_vit(img_size):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2).to(DEVICE)
     x = torch.randn(1, 3, img_size, img_size, device=DEVICE)
-    _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2, "pre-norm residual add": 2})
+    _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2, "pre-norm residual add": 2,
+                                      "MLP activation in place": 2})
     assert isinstance(model.blocks[0].attn, fusedtx.nn.Attention)
 
 
@@ -52,7 +53,8 @@ def test_timm_vit_qk_norm():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=1, qk_norm=True)
     stock_q_norm = model.blocks[0].attn.q_norm
     _check_swap_matches(model.to(DEVICE), torch.randn(2, 3, 48, 48, device=DEVICE),
-                        {"LayerNorm": 3 + 2, "timm Attention": 1, "pre-norm residual add": 1})  # + q_norm, k_norm
+                        {"LayerNorm": 3 + 2, "timm Attention": 1, "pre-norm residual add": 1,
+                         "MLP activation in place": 1})  # + q_norm, k_norm
     assert isinstance(model.blocks[0].attn.q_norm, fusedtx.nn.LayerNorm)
     unswap(model)
     assert model.blocks[0].attn.q_norm is stock_q_norm
@@ -117,7 +119,7 @@ def test_timm_swin():
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(36, 44), window_size=5,
                               embed_dim=16, depths=(2,), num_heads=(2,), drop_path_rate=0.0).to(DEVICE)
     _check_swap_matches(model, torch.randn(1, 3, 36, 44, device=DEVICE),
-                        {"LayerNorm": 6, "timm Swin block attention": 2})
+                        {"LayerNorm": 6, "timm Swin block attention": 2, "MLP activation in place": 2})
     block = model.layers[0].blocks[1]
     assert isinstance(block._attn, fusedtx.nn.SwinBlockAttention)
     unswap(model)
@@ -161,19 +163,21 @@ def test_swap_again_adds_only_what_is_new():
     block path (which never runs it), and the submodules of modules swapped before are visited."""
     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(28, 28), window_size=7,
                              embed_dim=16, depths=(2,), num_heads=(2,))
-    assert swap(swin).total == 8 and swap(swin).total == 0
+    assert swap(swin).total == 10 and swap(swin).total == 0
     assert type(swin.layers[0].blocks[0].attn).__name__ == "WindowAttention"
     assert not isinstance(swin.layers[0].blocks[0].attn, fusedtx.nn.WindowAttention)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, qk_norm=True)
     assert dict(swap(vit, norm=False).replaced) == {"timm Attention": 1}
-    assert dict(swap(vit).replaced) == {"LayerNorm": 3 + 2, "pre-norm residual add": 1}  # + q_norm, k_norm
+    assert dict(swap(vit).replaced) == {"LayerNorm": 3 + 2, "pre-norm residual add": 1,  # + q_norm, k_norm
+                                        "MLP activation in place": 1}
     assert isinstance(vit.blocks[0].attn.q_norm, fusedtx.nn.LayerNorm)
 
 
 def test_timm_vit_layer_norms():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48).to(DEVICE)
     x = torch.randn(2, 3, 48, 48, device=DEVICE)
-    _check_swap_matches(model, x, {"LayerNorm": 25, "pre-norm residual add": 12}, attention=False,
+    _check_swap_matches(model, x, {"LayerNorm": 25, "pre-norm residual add": 12, "MLP activation in place": 12},
+                        attention=False,
                         window_attention=False)
     assert isinstance(model.norm, fusedtx.nn.LayerNorm)
     unswap(model)
@@ -273,9 +277,35 @@ def test_timm_vit_pre_norm_residual_add_is_one_call_and_unswaps():
     fusedtx.surgery.layer_norm_gelu = spy
     try:
         _check_swap_matches(model, torch.randn(2, 3, 32, 32, device=DEVICE),
-                            {"LayerNorm": 3, "timm Attention": 1, "pre-norm residual add": 1})
+                            {"LayerNorm": 3, "timm Attention": 1, "pre-norm residual add": 1,
+                             "MLP activation in place": 1})
     finally:
         fusedtx.surgery.layer_norm_gelu = real
     assert calls == [True]
     unswap(model)
     assert "forward" not in model.blocks[0].__dict__
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_timm_mlp_activation_in_place(act):
+    """In inference the swapped timm Mlp applies its activation in place on fc1's output: the float64 stock
+    numbers. A forward hook on fc1 keeps that output, so with one the stock path runs and the kept tensor is
+    untouched; an activation without an in-place variant is left alone and listed."""
+    from timm.layers import Mlp
+
+    layers = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+    mlp = Mlp(24, 61, act_layer=layers[act]).to(DEVICE).eval()
+    stock64 = copy.deepcopy(mlp).double()
+    x = torch.randn(3, 7, 24, device=DEVICE)
+    assert dict(swap(mlp).replaced) == {"MLP activation in place": 1}
+    with torch.inference_mode():
+        assert_close(mlp(x), stock64(x.double()), torch.float32, tol=dot_tolerance(torch.float32))
+    kept = []
+    mlp.fc1.register_forward_hook(lambda module, args, out: kept.append(out))
+    with torch.no_grad():
+        out = mlp(x)
+        assert torch.equal(kept[0], mlp.fc1(x)), "the hooked fc1 output was modified in place"
+        assert_close(out, stock64(x.double()), torch.float32, tol=dot_tolerance(torch.float32))
+    silu = Mlp(24, 61, act_layer=nn.SiLU)
+    report = swap(silu)
+    assert report.total == 0 and "SiLU" in report.left_alone[0][2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -36,19 +38,30 @@ def _attention_unsupported(tensors: tuple[Tensor, ...], bias: Tensor | None) -> 
     )
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_mask: Tensor | None, causal: bool,
+             scale: float, lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(out (B, H, Nq, D) laid out (B, Nq, H, D), fp32 log-sum-exp (B, H, Nq)); bias is 4-D. Without ``lse``
+    (an eager call that records no gradient) the PyTorch paths return SDPA's output as it lays it out (see
+    :func:`attention`) and None for the log-sum-exp only a backward reads."""
+    backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v), bias))
+    if backend == "triton":
+        return kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale)
+    impl = implementation(backend)
+    if not lse:
+        return impl.attention(q, k, v, bias, key_padding_mask, causal, scale), None
+    out, lse = impl.attention(q, k, v, bias, key_padding_mask, causal, scale, return_lse=True)
+    if out.transpose(1, 2).is_contiguous():  # already laid out (B, Nq, H, D), as SDPA lays out head-split views
+        return out, lse.float().contiguous()
+    return empty_bnhd(out.shape, q).copy_(out), lse.float().contiguous()
+
+
 @torch.library.custom_op("fusedtx::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_mask: Tensor | None,
     causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Nq, D) laid out (B, Nq, H, D), fp32 log-sum-exp (B, H, Nq)); bias is 4-D."""
-    backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v), bias))
-    if backend == "triton":
-        return kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale)
-    out, lse = implementation(backend).attention(q, k, v, bias, key_padding_mask, causal, scale, return_lse=True)
-    if out.transpose(1, 2).is_contiguous():  # already laid out (B, Nq, H, D), as SDPA lays out head-split views
-        return out, lse.float().contiguous()
-    return empty_bnhd(out.shape, q).copy_(out), lse.float().contiguous()
+    """:func:`_forward` with the log-sum-exp, as the backward needs it."""
+    return _forward(q, k, v, bias, key_padding_mask, causal, scale)
 
 
 @_attention_fwd.register_fake
@@ -139,8 +152,11 @@ def attention(
             warning (an error under ``fusedtx.use_backend("triton")``).
 
     Returns:
-        (B, H, Nq, D) in q's dtype (its memory is (B, Nq, H, D), so ``out.transpose(1, 2)`` is
-        contiguous). Rows whose keys are all masked give zeros (never NaN) and zero gradients.
+        (B, H, Nq, D) in q's dtype. Its memory is (B, Nq, H, D), so ``out.transpose(1, 2)`` is
+        contiguous, except in eager inference on the PyTorch path, which returns SDPA's output as is:
+        laid out (B, Nq, H, D) for the head-split views of a projection that models pass, (B, H, Nq, D)
+        for a contiguous q (``.transpose(1, 2).reshape(...)`` is right either way). Rows whose keys are
+        all masked give zeros (never NaN) and zero gradients.
         Under CUDA autocast, q, k, v and bias run in the autocast dtype, as SDPA's do.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -181,5 +197,6 @@ def attention(
     impl = fallback("attention", q.device, DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None)
     if impl is not None:
         return impl.attention(q, k, v, bias, key_padding_mask, bool(causal), scale, dropout_p=dropout_p)
-    out, _ = call(_attention_fwd, q, k, v, bias, key_padding_mask, bool(causal), scale)
+    out, _ = call(_attention_fwd, q, k, v, bias, key_padding_mask, bool(causal), scale,
+                  inference=functools.partial(_forward, lse=False))
     return out

@@ -98,19 +98,20 @@ def fallback(op: str, device: torch.device, reason: str | None) -> ModuleType | 
     return implementation("torch" if backend == "triton" else backend)
 
 
-def call(op, *args):
+def call(op, *args, inference: Callable | None = None):
     """Run the custom op ``op`` on ``args``. Through the dispatcher whenever it matters: under
     ``torch.compile`` or any dispatch mode (fake tensors, opcheck, FlopCounterMode), for tensor subclasses,
     and when an input needs a gradient (the op's autograd). Otherwise, in eager inference, its implementation
     is called directly: the dispatcher would cost about 80 µs a call there, and its first call imports
-    ``torch._dynamo`` (about 150 MB resident)."""
+    ``torch._dynamo`` (about 150 MB resident). ``inference``, when given, is called there instead: the
+    op's forward without what only a backward reads (its outputs may then be None)."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors)
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             or not hasattr(op, "_init_fn")):
         return op(*args)
-    return op._init_fn(*args)
+    return (inference or op._init_fn)(*args)
 
 
 def or_empty(t: Tensor | None, like: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -9,11 +11,11 @@ from fusedtx import _backend, reference
 from fusedtx.ops.common import call, check_tensor, implementation, kernels, or_empty, unsupported_dtype, vjp
 
 
-@torch.library.custom_op("fusedtx::layer_norm_gelu_fwd", mutates_args=())
-def _layer_norm_gelu_fwd(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, activation: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, residual sum or an empty tensor, fp32 mean, fp32 rstd); mean and rstd have shape x.shape[:-1]."""
+def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float,
+             activation: str, stats: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(y, residual sum or an empty tensor, fp32 mean, fp32 rstd); mean and rstd have shape x.shape[:-1].
+    Without ``stats`` (an eager call that records no gradient) the PyTorch paths skip the statistics only
+    a backward reads, and return None for them: ``F.layer_norm`` instead of ``native_layer_norm``."""
     n = x.shape[-1]
     stats_shape = x.shape[:-1]
     backend = _backend.select("layer_norm_gelu", x.device, unsupported_dtype(x.dtype))
@@ -25,10 +27,22 @@ def _layer_norm_gelu_fwd(
         s = s.view(x.shape) if s is not None else x.new_empty(0)
         return y.view(x.shape), s, mean.view(stats_shape), rstd.view(stats_shape)
     impl = implementation(backend)
+    if not stats:
+        out = impl.layer_norm_gelu(x, weight, bias, eps, activation, residual)
+        y, s = out if residual is not None else (out, x.new_empty(0))
+        return y, s, None, None
     *ys, mean, rstd = impl.layer_norm_gelu(x, weight, bias, eps, activation, residual, return_stats=True)
     y, s = ys if residual is not None else (ys[0], x.new_empty(0))
     # Every backend returns contiguous outputs (the kernels write rows), as the fake promises.
     return y.contiguous(), s.contiguous(), mean.float().contiguous(), rstd.float().contiguous()
+
+
+@torch.library.custom_op("fusedtx::layer_norm_gelu_fwd", mutates_args=())
+def _layer_norm_gelu_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float, activation: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_forward` with the statistics, as the backward needs them."""
+    return _forward(x, weight, bias, residual, eps, activation)
 
 
 @_layer_norm_gelu_fwd.register_fake
@@ -139,7 +153,8 @@ def layer_norm_gelu(
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # CUDA autocast runs layer_norm in float32 (its fp32 list); CPU autocast leaves it alone.
         x, weight, bias, residual = (t.float() if t is not None else None for t in (x, weight, bias, residual))
-    y, s, _, _ = call(_layer_norm_gelu_fwd, x, weight, bias, residual, float(eps), activation)
+    y, s, _, _ = call(_layer_norm_gelu_fwd, x, weight, bias, residual, float(eps), activation,
+                      inference=functools.partial(_forward, stats=False))
     return y if residual is None else (y, s)
 
 
