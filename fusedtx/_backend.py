@@ -121,3 +121,24 @@ def select(op: str, device: torch.device, unsupported: str | None = None) -> str
             )
         return "torch"
     return "triton"
+
+
+def out_of_resources() -> type[Exception]:
+    """Triton's ``OutOfResources`` (imported on use: only a kernel call, which has imported Triton, raises it)."""
+    from triton.runtime import OutOfResources
+
+    return OutOfResources
+
+
+def no_config_fits(op: str, err: Exception) -> str:
+    """The backend a kernel call of ``op`` takes when not even the smallest launch config fits the GPU (the
+    launch guard retried every smaller one and Triton still raised ``err``, its ``OutOfResources``): the
+    fast PyTorch path, with one warning per op, so that a resource limit never breaks a user's model.
+    Under ``triton`` the error is raised."""
+    if requested() == "triton":
+        raise err
+    if (op, "resources") not in _warned:
+        _warned.add((op, "resources"))
+        warnings.warn(f"fusedtx.{op}: no launch config of the Triton kernel fits this GPU ({err}); using the fast "
+                      "PyTorch path", RuntimeWarning, stacklevel=3)
+    return "torch"

@@ -64,8 +64,9 @@ def launch(kernel: str, key: tuple, config: Config, run: Callable[[Config], obje
            tuning: Tuning | None = None):
     """``run(config)`` (it launches one kernel, or a set of them, with that config) and its result; on
     ``OutOfResources`` the same with :func:`shrink`'s next config until one launches, with one warning per
-    (kernel, key). Re-raises when even the smallest config does not fit. With ``FUSEDTX_TUNE=1`` and a
-    ``tuning`` whose key has no tuned config yet, the candidates are timed first (:func:`tune`)."""
+    (kernel, key). Re-raises when even the smallest config does not fit (the op then takes the PyTorch
+    path). With ``FUSEDTX_TUNE=1`` and a ``tuning`` whose key has no tuned config yet, the candidates are
+    timed first (:func:`tune`)."""
     if tuning is not None and tuning_requested() and tuning.key not in _tables(tuning.device):
         config = tune(tuning, run)
     slot = (kernel, key, config)

@@ -147,6 +147,42 @@ def test_launch_reraises_when_nothing_fits(monkeypatch):
         ka.attention_fwd(q, q, q, None, None, False, 0.25)
 
 
+def test_ops_take_the_fast_path_when_nothing_fits(monkeypatch):
+    """When not even the smallest config fits, attention and window attention take the fast PyTorch path
+    with one warning per op: the float64 reference's output and gradients. Under ``triton`` it raises."""
+    import fusedtx
+    from fusedtx import _backend, reference
+
+    for module, name in ((ka, "_attn_fwd_kernel"), (ka, "_attn_bwd_dkdv_kernel"), (kw, "_window_attn_fwd_kernel")):
+        _forced(monkeypatch, module, name, lambda kw_: True)
+    monkeypatch.setattr(_backend, "_warned", set())
+    q, k, v = (_rand(2, 3, 37, 16).requires_grad_() for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fusedtx.attention(q, k, v)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), g)  # the launch guard's retries, then the fast path
+    assert any("does not fit" in str(w.message) for w in caught)
+    # forward and backward both fell back: one warning for the op
+    assert sum("fusedtx.attention: no launch config" in str(w.message) for w in caught) == 1
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*leaves64)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves64, g.double()), strict=True):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    heads, d = 2, 16
+    qkv, table = _rand(1, 9, 9, 3 * heads * d), _rand(13 * 13, heads)
+    kwargs = {"window_size": 7, "shift_size": 3, "rel_pos_bias_table": table, "num_heads": heads}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = fusedtx.window_attention(qkv, **kwargs)
+    assert any("fusedtx.window_attention: no launch config" in str(w.message) for w in caught)
+    want = reference.window_attention(qkv.double(), (7, 7), (3, 3), table.double(), heads)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    with fusedtx.use_backend("triton"), pytest.raises(OutOfResources):
+        fusedtx.attention(q.detach(), k.detach(), v.detach())
+
+
 @pytest.mark.skipif(ON_CUDA, reason="compiles for every target on the CPU; the GPU run checks its own card")
 def test_resource_tables_match_the_launchers_and_the_largest_configs_fit():
     """The CI guard: the committed per-target tables list exactly the configs the launchers pick (so a config

@@ -45,7 +45,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_m
     :func:`attention`) and None for the log-sum-exp only a backward reads."""
     backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v), bias))
     if backend == "triton":
-        return kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale)
+        try:
+            return kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale)
+        except _backend.out_of_resources() as err:
+            backend = _backend.no_config_fits("attention", err)
     impl = implementation(backend)
     if not lse:
         return impl.attention(q, k, v, bias, key_padding_mask, causal, scale), None
@@ -77,19 +80,21 @@ def _attention_bwd(
     """(dq, dk, dv laid out (B, N, H, D), dbias contiguous in the bias's shape or an empty tensor)."""
     backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v, do), bias))
     if backend == "triton":
-        dq, dk, dv, db = kernels("attention").attention_bwd(
-            do, q, k, v, out, lse, bias, key_padding_mask, causal, scale, bias_grad
-        )
-    else:
-        impl = implementation(backend)
+        try:
+            dq, dk, dv, db = kernels("attention").attention_bwd(
+                do, q, k, v, out, lse, bias, key_padding_mask, causal, scale, bias_grad
+            )
+            return dq, dk, dv, or_empty(db, q)
+        except _backend.out_of_resources() as err:
+            backend = _backend.no_config_fits("attention", err)
+    impl = implementation(backend)
 
-        def forward(q, k, v, b):
-            return impl.attention(q, k, v, b, key_padding_mask, causal, scale)
+    def forward(q, k, v, b):
+        return impl.attention(q, k, v, b, key_padding_mask, causal, scale)
 
-        *dqkv, db = vjp(forward, (q, k, v, bias), (True, True, True, bias_grad), do)
-        dq, dk, dv = (empty_bnhd(t.shape, t).copy_(g) for t, g in zip((q, k, v), dqkv, strict=True))
-        db = db.contiguous() if db is not None else None
-    return dq, dk, dv, or_empty(db, q)
+    *dqkv, db = vjp(forward, (q, k, v, bias), (True, True, True, bias_grad), do)
+    dq, dk, dv = (empty_bnhd(t.shape, t).copy_(g) for t, g in zip((q, k, v), dqkv, strict=True))
+    return dq, dk, dv, or_empty(db.contiguous() if db is not None else None, q)
 
 
 @_attention_bwd.register_fake

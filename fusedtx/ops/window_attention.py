@@ -52,9 +52,12 @@ def _window_attention_fwd(
     """(out (B, H, W, C) contiguous, fp32 lse (B·windows, heads, N)); shift_size is the effective shift."""
     backend = _backend.select("window_attention", qkv.device, _window_unsupported(qkv, num_heads, window_size))
     if backend == "triton":
-        return kernels("window_attention").window_attention_fwd(
-            qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order
-        )
+        try:
+            return kernels("window_attention").window_attention_fwd(
+                qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order
+            )
+        except _backend.out_of_resources() as err:
+            backend = _backend.no_config_fits("window_attention", err)
     out, lse = implementation(backend).window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias,
                                                         scale, order, mask, return_lse=True)
     return out.contiguous(), lse.float().contiguous()
@@ -78,18 +81,21 @@ def _window_attention_bwd(
     reason = _window_unsupported(qkv, num_heads, window_size, dout, out)
     backend = _backend.select("window_attention", qkv.device, reason)
     if backend == "triton":
-        dqkv, dtable, dbias = kernels("window_attention").window_attention_bwd(
-            dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
-            table_grad, bias_grad,
-        )
-    else:
-        impl = implementation(backend)
+        try:
+            dqkv, dtable, dbias = kernels("window_attention").window_attention_bwd(
+                dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
+                table_grad, bias_grad,
+            )
+            return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv)
+        except _backend.out_of_resources() as err:
+            backend = _backend.no_config_fits("window_attention", err)
+    impl = implementation(backend)
 
-        def forward(qkv, table, b):
-            return impl.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
+    def forward(qkv, table, b):
+        return impl.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
 
-        grads = vjp(forward, (qkv, table, qkv_bias), (True, table_grad, bias_grad), dout)
-        dqkv, dtable, dbias = (g.contiguous() if g is not None else None for g in grads)
+    grads = vjp(forward, (qkv, table, qkv_bias), (True, table_grad, bias_grad), dout)
+    dqkv, dtable, dbias = (g.contiguous() if g is not None else None for g in grads)
     return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv)
 
 
