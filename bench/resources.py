@@ -110,7 +110,7 @@ def _config_label(config) -> str:
     return f"[{bm}x{bn} w{warps} s{stages}]"
 
 
-def _layer_norm_gelu_configs(family: str):
+def _layer_norm_gelu_configs(family: str, shared: int):
     del family  # the same configs on every architecture
     from fusedtx.kernels import layer_norm_gelu as k
 
@@ -136,7 +136,7 @@ def _layer_norm_gelu_configs(family: str):
             yield Case(f"bwd {dtype} N={n} [{bm}x{bn} w{warps}]", k._layer_norm_gelu_bwd_kernel, sig, consts, warps)
 
 
-def _sinusoidal_configs(family: str):
+def _sinusoidal_configs(family: str, shared: int):
     del family  # the same configs on every architecture
     import math
 
@@ -204,7 +204,7 @@ def attention_cases() -> list[tuple]:
     return cases
 
 
-def _attention_configs(family: str):
+def _attention_configs(family: str, shared: int):
     import torch
 
     from fusedtx.kernels import attention as k
@@ -244,7 +244,7 @@ def _window_case(kind: str, dtype: str, ws: int, d: int, config) -> tuple:
     return f"{kind} {dtype} window {ws} D={d} {_config_label(config)}", fn, sig, consts, warps, stages
 
 
-def _window_attention_configs(family: str):
+def _window_attention_configs(family: str, shared: int):
     import torch
 
     from fusedtx.kernels import window_attention as k
@@ -258,8 +258,8 @@ def _window_attention_configs(family: str):
             for ws in (7, 8, 12, 16):
                 for d in (32, 64):
                     tokens = ws * ws
-                    if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d):
-                        continue  # not covered: the reference runs it
+                    if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d, shared):
+                        continue  # not covered on this target: the fast PyTorch path runs it
                     if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family)[1] >= tokens:
                         continue  # the backward computes dQ itself
                     config = k.configs(kind, tokens, d, torch_dtype, family=family)
@@ -276,7 +276,7 @@ def _window_attention_configs(family: str):
         yield Case(f"table grad window {ws} [w4]", fn, sig, consts, 4)
 
 
-# family -> generator of the cases the launchers pick for an architecture family
+# family -> generator of the cases the launchers pick for an architecture family and a shared-memory limit
 CONFIGS = {
     "layer_norm_gelu": _layer_norm_gelu_configs,
     "attention": _attention_configs,
@@ -287,7 +287,7 @@ CONFIGS = {
 
 def cases(arch: str, families) -> list[tuple[str, Case]]:
     """(kernel family, case) of every config the launchers pick on target ``arch``."""
-    return [(family, case) for family in families for case in CONFIGS[family](family_of(arch))]
+    return [(family, case) for family in families for case in CONFIGS[family](family_of(arch), shared_limit(arch))]
 
 
 def _row(family: str, label: str, r: dict) -> str:

@@ -36,10 +36,18 @@ def span(t: torch.Tensor, dims: int) -> int:
     return sum((n - 1) * s for n, s in zip(t.shape[-dims:], t.stride()[-dims:], strict=True))
 
 
-def window_fp32_backward_covers(tokens: int, head_dim: int) -> bool:
-    """Whether the float32 window backward kernel covers windows of ``tokens`` at ``head_dim``: its tiles
+# Shared memory of the float32 window backward with a 256-query tile (windows of 129 to 256 tokens) at head
+# dim 32, as built for sm_89 by Triton 3.8 (bench/results/resources-sm_89.md): over the 99 KiB of sm_86/89/120.
+WINDOW_FP32_WIDE_BACKWARD_SHARED = 135168
+
+
+def window_fp32_backward_covers(tokens: int, head_dim: int, shared_limit: int | None = None) -> bool:
+    """Whether the float32 window backward kernel covers windows of ``tokens`` at ``head_dim`` on a target
+    with ``shared_limit`` bytes of shared memory per block (None: no limit, Triton's interpreter). Its tiles
     hold every query of a window, and in fp32 larger ones outgrow a GPU's shared memory."""
-    return tokens <= 64 or head_dim <= 32
+    if tokens > 64 and head_dim > 32:
+        return False
+    return tokens <= 128 or shared_limit is None or shared_limit >= WINDOW_FP32_WIDE_BACKWARD_SHARED
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -77,6 +85,11 @@ SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227
 # Architecture families with their own launch configs. Unknown architectures get the most conservative one.
 ARCH_FAMILIES = ("ampere", "hopper", "blackwell", "blackwell_consumer")
 CONSERVATIVE_FAMILY = "ampere"
+
+
+def shared_memory_per_block(capability: tuple[int, int]) -> int:
+    """The per-block shared-memory limit of a compute capability; the smallest known one when unlisted."""
+    return SHARED_MEMORY_PER_BLOCK.get(capability[0] * 10 + capability[1], min(SHARED_MEMORY_PER_BLOCK.values()))
 
 
 def arch_family(capability: tuple[int, int]) -> str:

@@ -197,6 +197,22 @@ def test_resource_tables_match_the_launchers_and_the_largest_configs_fit():
     assert "fit" in result.stdout
 
 
+def test_wide_fp32_window_backward_only_where_it_fits():
+    """The float32 window backward of windows over 128 tokens (a 256-query tile, 132 KiB) is launched only on
+    targets with that much shared memory per block; elsewhere (and above head dim 32 past 64 tokens) the op
+    takes the fast PyTorch path. The interpreter has no limit."""
+    from fusedtx.kernels.support import shared_memory_per_block, window_fp32_backward_covers
+
+    assert shared_memory_per_block((8, 9)) == shared_memory_per_block((7, 5)) == 99 * 1024  # unknown: smallest
+    for tokens in (144, 256):
+        assert not window_fp32_backward_covers(tokens, 32, shared_memory_per_block((8, 9)))
+        assert not window_fp32_backward_covers(tokens, 32, shared_memory_per_block((12, 0)))
+        assert window_fp32_backward_covers(tokens, 32, shared_memory_per_block((8, 0)))
+        assert window_fp32_backward_covers(tokens, 32, None)
+        assert not window_fp32_backward_covers(tokens, 64, None)
+    assert window_fp32_backward_covers(100, 32, shared_memory_per_block((8, 9)))  # 128-query tile: fits
+
+
 def test_shared_memory_limits():
     assert SHARED_MEMORY_PER_BLOCK[80] == 163 * 1024
     assert SHARED_MEMORY_PER_BLOCK[89] == SHARED_MEMORY_PER_BLOCK[120] == 99 * 1024

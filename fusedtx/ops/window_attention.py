@@ -6,7 +6,13 @@ import torch
 from torch import Tensor
 
 from fusedtx import _backend, reference
-from fusedtx.kernels.support import WINDOW_MAX_HEAD_DIM, WINDOW_MAX_TOKENS, span, window_fp32_backward_covers
+from fusedtx.kernels.support import (
+    WINDOW_MAX_HEAD_DIM,
+    WINDOW_MAX_TOKENS,
+    shared_memory_per_block,
+    span,
+    window_fp32_backward_covers,
+)
 from fusedtx.ops.common import (
     DROPOUT,
     call,
@@ -29,12 +35,14 @@ def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *ma
     ``maps``), or None."""
     tokens, head_dim = window_size[0] * window_size[1], qkv.shape[3] // (3 * num_heads)
     fp32_backward = bool(maps) and qkv.dtype == torch.float32
+    shared = shared_memory_per_block(torch.cuda.get_device_capability(qkv.device)) if qkv.is_cuda else None
     return first_reason(
         unsupported_dtype(qkv.dtype),
         f"covers windows of up to {WINDOW_MAX_TOKENS} tokens" if tokens > WINDOW_MAX_TOKENS else None,
         f"supports head dims up to {WINDOW_MAX_HEAD_DIM}" if head_dim > WINDOW_MAX_HEAD_DIM else None,
-        "has no float32 backward for windows over 64 tokens with head dims over 32"
-        if fp32_backward and not window_fp32_backward_covers(tokens, head_dim) else None,
+        "has no float32 backward for windows over 64 tokens with head dims over 32, nor for windows over 128 "
+        "tokens on GPUs with less than 132 KiB of shared memory per block"
+        if fp32_backward and not window_fp32_backward_covers(tokens, head_dim, shared) else None,
         unsupported_span([span(t, 3) for t in (qkv, *maps)], "one image"),
     )
 
@@ -161,7 +169,8 @@ def window_attention(
         qkv: (B, H, W, 3·C) output of the qkv Linear on the (B, H, W, dim) map, channels laid out
             (3, num_heads, head_dim), C = num_heads·head_dim; any strides. float16 / bfloat16 / float32
             (float64, head dims above 128, windows above 256 tokens, and the float32 backward of windows
-            above 64 tokens with head dims above 32 take the fast PyTorch path). On CUDA, float32 dot products
+            above 64 tokens with head dims above 32, or above 128 tokens on GPUs with less than 132 KiB of
+            shared memory per block, take the fast PyTorch path). On CUDA, float32 dot products
             follow ``torch.backends.cuda.matmul.allow_tf32``: tf32 (about 3e-4 relative error) when on,
             full float32 when off.
         window_size: (wh, ww) or an int; H and W need not be multiples of it.
