@@ -217,3 +217,17 @@ def test_shared_memory_limits():
     assert SHARED_MEMORY_PER_BLOCK[80] == 163 * 1024
     assert SHARED_MEMORY_PER_BLOCK[89] == SHARED_MEMORY_PER_BLOCK[120] == 99 * 1024
     assert SHARED_MEMORY_PER_BLOCK[90] == SHARED_MEMORY_PER_BLOCK[100] == 227 * 1024
+
+
+def test_readme_states_the_committed_tables():
+    """The README's summary lines are what the committed per-target tables hold, so neither can drift."""
+    from fusedtx.bench import resources
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for arch in resources.TARGETS:
+        rows = resources.read_table(resources.table_path(TABLES, arch))
+        over = sum(r["shared"] > resources.shared_limit(arch) for r in rows.values())
+        spills = sum(r["spills"] for r in rows.values())
+        name = resources.target_name(arch)
+        line = f"{name}: {len(rows)} configs, {over} over the shared-memory limit, {spills} spill"
+        assert line in readme, line
