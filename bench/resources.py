@@ -31,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fusedtx.kernels.support import SHARED_MEMORY_PER_BLOCK, arch_family
+from fusedtx.kernels.support import arch_family, shared_memory_per_block
 
 # --arch name -> compute capability (Triton compiles 90 as sm_90a and 100 as sm_100a)
 TARGETS = {"80": 80, "86": 86, "89": 89, "90a": 90, "100a": 100, "120": 120}
@@ -63,7 +63,7 @@ def family_of(arch: str) -> str:
 
 
 def shared_limit(arch: str) -> int:
-    return SHARED_MEMORY_PER_BLOCK[TARGETS[arch]]
+    return shared_memory_per_block(capability(arch))
 
 
 def _tool(name: str) -> str:

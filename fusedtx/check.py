@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusedtx.kernels.support import dot_precision
+from fusedtx.kernels.support import dot_precision, window_fp32_backward_covers
 
 # Relative-error bounds per dtype (the test suite's), for results built from dot products; gradients get 4x.
 BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -141,7 +141,7 @@ def check_window_attention(device, dtypes, big: bool) -> Iterator[Result]:
                 ref = reference.window_attention(qkv64, (window, window), (shift, shift), table64, heads, qb64,
                                                  None, order)
                 g = torch.randn_like(ref)
-                fp32_bwd = dtype != torch.float32 or window * window <= 64 or head_dim <= 32
+                fp32_bwd = dtype != torch.float32 or window_fp32_backward_covers(window * window, head_dim)
                 leaves, leaves64 = (qkv, table, qb), (qkv64, table64, qb64)
                 pairs = {"out": (out, ref)}
                 if fp32_bwd:  # the kernel's float32 backward covers these windows (support.py)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from fusedtx import _backend, reference
 from fusedtx.kernels.support import (
+    WINDOW_FP32_WIDE_BACKWARD_SHARED,
     WINDOW_MAX_HEAD_DIM,
     WINDOW_MAX_TOKENS,
     shared_memory_per_block,
@@ -35,13 +36,15 @@ def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *ma
     ``maps``), or None."""
     tokens, head_dim = window_size[0] * window_size[1], qkv.shape[3] // (3 * num_heads)
     fp32_backward = bool(maps) and qkv.dtype == torch.float32
-    shared = shared_memory_per_block(torch.cuda.get_device_capability(qkv.device)) if qkv.is_cuda else None
+    # the per-block shared memory only matters for that backward (no device query on the forward's path)
+    shared = (shared_memory_per_block(torch.cuda.get_device_capability(qkv.device))
+              if fp32_backward and qkv.is_cuda else None)
     return first_reason(
         unsupported_dtype(qkv.dtype),
         f"covers windows of up to {WINDOW_MAX_TOKENS} tokens" if tokens > WINDOW_MAX_TOKENS else None,
         f"supports head dims up to {WINDOW_MAX_HEAD_DIM}" if head_dim > WINDOW_MAX_HEAD_DIM else None,
         "has no float32 backward for windows over 64 tokens with head dims over 32, nor for windows over 128 "
-        "tokens on GPUs with less than 132 KiB of shared memory per block"
+        f"tokens on GPUs with less than {WINDOW_FP32_WIDE_BACKWARD_SHARED // 1024} KiB of shared memory per block"
         if fp32_backward and not window_fp32_backward_covers(tokens, head_dim, shared) else None,
         unsupported_span([span(t, 3) for t in (qkv, *maps)], "one image"),
     )
