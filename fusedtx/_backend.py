@@ -48,7 +48,13 @@ def requested() -> str:
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("FUSEDTX_BACKEND", "auto").strip().lower(), "FUSEDTX_BACKEND")
+    return _parse_environment(os.environ.get("FUSEDTX_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_environment(raw: str) -> str:
+    """``FUSEDTX_BACKEND``'s value as a backend name (parsed once per value: every op call asks)."""
+    return _check_name(raw.strip().lower(), "FUSEDTX_BACKEND")
 
 
 @contextlib.contextmanager
@@ -68,17 +74,22 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _triton_runs_on(kind: str) -> bool:
+    """Whether Triton kernels can run on tensors of device type ``kind`` (every op call asks: kept cheap)."""
+    return _triton_installed() and (kind == "cuda" or (kind == "cpu" and interpreter_enabled()))
+
+
 def triton_support(device: torch.device) -> tuple[bool, str]:
     """Whether Triton kernels can run on tensors of ``device``, and why (or why not)."""
+    kind = device.type
+    if _triton_runs_on(kind):
+        return True, ("CUDA tensor and Triton installed" if kind == "cuda"
+                      else "CPU tensor with TRITON_INTERPRET=1 (Triton interpreter)")
     if not _triton_installed():
         return False, "Triton is not installed"
-    if device.type == "cuda":
-        return True, "CUDA tensor and Triton installed"
-    if device.type == "cpu" and interpreter_enabled():
-        return True, "CPU tensor with TRITON_INTERPRET=1 (Triton interpreter)"
-    if device.type == "cpu":
+    if kind == "cpu":
         return False, "CPU tensor (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
-    return False, f"device type {device.type!r} has no Triton backend here"
+    return False, f"device type {kind!r} has no Triton backend here"
 
 
 def explain(device: torch.device, unsupported: str | None = None) -> tuple[str, str]:
@@ -105,13 +116,13 @@ def select(op: str, device: torch.device, unsupported: str | None = None) -> str
     want = requested()
     if want in ("torch", "reference"):
         return want
-    ok, why = triton_support(device)
-    if want == "triton" and not ok:
-        raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but cannot run: {why}")
+    if not _triton_runs_on(device.type):
+        if want == "triton":
+            raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but cannot run: "
+                               f"{triton_support(device)[1]}")
+        return "torch"
     if want == "triton" and unsupported is not None:
         raise RuntimeError(f"fusedtx.{op}: backend 'triton' was requested but the kernel {unsupported}")
-    if not ok:
-        return "torch"
     if unsupported is not None:
         if (op, unsupported) not in _warned:
             _warned.add((op, unsupported))

@@ -105,13 +105,16 @@ def call(op, *args, inference: Callable | None = None):
     is called directly: the dispatcher would cost about 80 µs a call there, and its first call imports
     ``torch._dynamo`` (about 150 MB resident). ``inference``, when given, is called there instead: the
     op's forward without what only a backward reads (its outputs may then be None)."""
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            or not hasattr(op, "_init_fn")):
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or not hasattr(op, "_init_fn"):
         return op(*args)
+    grad = torch.is_grad_enabled()
+    for a in args:  # a plain loop: this check runs on every eager call, and generators cost microseconds here
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
+            return op(*args)
     return (inference or op._init_fn)(*args)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def or_empty(t: Tensor | None, like: Tensor) -> Tensor:
