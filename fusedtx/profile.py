@@ -250,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compare high-resolution strategies (fusedtx.highres) instead of stock vs swapped")
     p.add_argument("--weights", default=None, help="with --strategy: a state_dict file (timm checkpoint or "
                    ".safetensors) to load, so fidelity is measured on a trained model")
+    p.add_argument("--pos", default="table", choices=["table", "sincos"],
+                   help="with --strategy: position encodings from the model's table, resampled as its library does, "
+                   "or (a model with a 2D sin-cos table, MAE-style) generated from the patch coordinates")
     args = p.parse_args(argv)
     if args.strategy:
         from fusedtx.highres.compare import run

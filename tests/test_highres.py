@@ -222,6 +222,34 @@ def test_every_strategy_runs(which, strategy, settings, tokens, timm_vit, hf_vit
     assert hm.tokens(64, 48) == tokens
 
 
+def test_sincos_positions_from_patch_coordinates(timm_vit):
+    """pos="sincos" on a model with a 2D sin-cos table: at a grid 4x its native one, every strategy adds the
+    exact encodings of the patches it keeps, as a model built natively at that grid with the exact table
+    computes; the library's own resampling (pos="table") does not."""
+    timm = pytest.importorskip("timm")
+    layout = ["mae", "mae_hw", "timm"][int(torch.randint(0, 3, ()).item())]
+    small = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                          num_classes=7, dynamic_img_size=True).eval()
+    big = timm.models.VisionTransformer(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                        num_classes=7).eval()
+    weights = {k: v for k, v in small.state_dict().items() if k != "pos_embed"}  # its grid differs
+    assert big.load_state_dict(weights, strict=False).missing_keys == ["pos_embed"]
+    with torch.no_grad():
+        small.pos_embed.copy_(reference.sincos_2d(4, 4, 32, num_prefix_tokens=1, layout=layout)[None])
+        big.pos_embed.copy_(reference.sincos_2d(8, 8, 32, num_prefix_tokens=1, layout=layout)[None])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        for strategy, settings in (("full", {}), ("select", {"k": 9}), ("merge", {"r": 5})):
+            out = highres.apply(small, strategy, pos="sincos", **settings)(images)
+            torch.testing.assert_close(out, highres.apply(big, strategy, **settings)(images), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(highres.apply(small, "full")(images), big(images), rtol=1e-3, atol=1e-3)
+    assert highres.apply(small, "select", pos="sincos")._sincos_layout == layout
+    with pytest.raises(ValueError, match="pos='sincos' needs a model whose position table is a 2D sin-cos"):
+        highres.apply(timm_vit, "select", pos="sincos")
+    with pytest.raises(ValueError, match="pos must be one of"):
+        highres.apply(small, "full", pos="rope")
+
+
 def test_select_and_merge_run_the_kernels(timm_vit):
     """Selection and merging end to end on the default backend (the Triton kernels; in the interpreter on CPU)."""
     images = torch.randn(1, 3, 32, 48)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fusedtx.highres import STRATEGIES
 from fusedtx.kernels.support import FAMILIES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -141,6 +142,26 @@ def run_profile(argv, cwd):
     assert "Speedup" in out and "fusedtx.swap: replaced" in out, out
 
 
+def run_profile_strategy(argv, cwd):
+    # The line as written, made small: ViT-Ti at 384 px (576 patches; at 256 merging cannot halve the
+    # FLOPs); a --weights file named on the line is written first, with that model's weights, so the line loads
+    # a real checkpoint.
+    tiny = ["--model", "vit_tiny_patch16_224", "--img-size", "384", "--batch", "2", "--steps", "1"]
+    if "--weights" in argv:
+        from safetensors.torch import save_file
+
+        from fusedtx.highres.compare import build_model
+
+        save_file(build_model("vit_tiny_patch16_224").state_dict(), cwd / _option(argv, "--weights", ""))
+    out = _run([*argv, *tiny], cwd, TRITON_INTERPRET=None)
+    folder = cwd / _option(argv, "--out", "fusedtx-profile")
+    assert (folder / "strategies.md").is_file() and (folder / "strategies.png").is_file(), out
+    rows = {line.split("|")[1].split()[0] for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    strategy = _option(argv, "--strategy", "")
+    assert rows == ({"strategy", *STRATEGIES} if strategy == "all" else {"strategy", "full", strategy}), out
+    assert ("Weights: " in out) == ("--weights" in argv), out
+
+
 def run_bench(argv, cwd):
     assert "--quick" in argv, "a README bench line must be --quick, so that it runs here at a tiny size"
     out = _run(argv, cwd, TRITON_INTERPRET=None)  # as a CPU user runs it: the fast path, not the interpreter
@@ -193,6 +214,7 @@ RUNNERS = [
     (r"fusedtx tune( .*)?", run_tune),
     (r"fusedtx info", run_info),
     (r"fusedtx check( .*)?", run_check),
+    (r"fusedtx profile --strategy .*", run_profile_strategy),
     (r"fusedtx profile( .*)?", run_profile),
     (r"fusedtx bench( .*)?", run_bench),
     (r"python -m fusedtx\.bench\.bench_\w+( .*)?", run_bench_module),

@@ -76,6 +76,21 @@ def test_sincos_2d_generation(grid, layout, dtype):
             assert torch.equal(out[:prefix], torch.zeros_like(out[:prefix]))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS_2D)
+def test_sincos_2d_at_positions(layout, dtype, backend):
+    """The encodings of chosen patches (a selection's kept ones) equal those rows of the float64 grid table."""
+    grid, dim = (int(torch.randint(1, 40, ()).item()), int(torch.randint(1, 40, ()).item())), 4 * 13
+    ref = reference.sincos_2d(*grid, dim, layout=layout, dtype=F64, device=DEVICE)
+    with fusedtx.use_backend(backend):
+        for shape in [(int(torch.randint(1, 50, ()).item()),), (3, 17)]:
+            positions = torch.randint(0, grid[0] * grid[1], shape, device=DEVICE)
+            out = fusedtx.sincos_2d(*grid, dim, positions=positions, layout=layout, dtype=dtype)
+            assert out.shape == (*shape, dim) and out.dtype == dtype and out.device == positions.device
+            assert_close(out, ref[positions], dtype, f"grid {grid} positions {shape}")
+
+
 # --- accuracy at large positions -------------------------------------------------------------------
 
 
@@ -396,6 +411,10 @@ def test_bad_arguments_are_named():
         (ValueError, "x must", lambda: fusedtx.add_sinusoidal(x[0])),
         (ValueError, "x must", lambda: fusedtx.add_sincos_2d(x, 2, 3)),
         (ValueError, "grid_h", lambda: fusedtx.sincos_2d(0, 3, 8)),
+        (ValueError, "positions must lie", lambda: fusedtx.sincos_2d(2, 3, 8, positions=torch.tensor([6]))),
+        (ValueError, "num_prefix_tokens", lambda: fusedtx.sincos_2d(2, 3, 8, num_prefix_tokens=1,
+                                                                    positions=torch.tensor([0]))),
+        (TypeError, "positions", lambda: fusedtx.sincos_2d(2, 3, 8, positions=[0, 1])),
         (TypeError, "offset", lambda: fusedtx.add_sinusoidal(x, offset=1.5)),
         (ValueError, "grid_size", lambda: fusedtx.nn.SinCos2dPositionalEncoding(8)(x, (1, 2, 3))),
         (ValueError, "x must", lambda: fusedtx.nn.SinusoidalPositionalEncoding(16)(x)),

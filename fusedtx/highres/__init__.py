@@ -21,6 +21,12 @@ the wrapped model returns (timm: logits; Hugging Face: its output object). Strat
 * ``hybrid``: a timm hybrid CNN + ViT of the same width (``name=`` to choose) at the same resolution; a
   reference row with its own (random unless ``pretrained=True``) weights, not the wrapped model's.
 
+Every strategy but ``hybrid`` takes ``pos``: ``"table"`` (default) adds the model's position table, resampled
+as its library does it; ``"sincos"``, for a model whose table is a 2D sin-cos encoding (MAE-style fixed
+encodings, checked at its native grid in each of ``fusedtx.sincos_2d``'s layouts), generates each token's
+encoding from its patch coordinates with ``fusedtx.sincos_2d(positions=...)``: exact at any grid, and for
+``select`` only the kept patches' encodings are computed (no table of the full grid).
+
 The functional pieces are :func:`fusedtx.select_patches` and :func:`fusedtx.merge_tokens`.
 """
 
@@ -32,16 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusedtx import reference
 from fusedtx.highres.models import Adapter, adapter_for
 from fusedtx.ops.highres import _gather_tokens, _keep_count, _patch_scores, merge_step, top_patches
+from fusedtx.ops.sinusoidal import sincos_2d
 
 STRATEGIES = ("full", "resize", "tiles", "select", "merge", "hybrid")
 SELECT_SCORES = ("variance", "gradient", "attention")
 # timm hybrids by embedding width: a ResNet stem of output stride 32 (16 for tiny) and the ViT of that width.
 HYBRIDS = {192: "vit_tiny_r_s16_p8_224", 384: "vit_small_r26_s32_224", 768: "vit_base_r26_s32_224",
            1024: "vit_large_r50_s32_224"}
-_SETTINGS = {"full": (), "resize": (), "tiles": ("stride",), "select": ("k", "score", "layer"),
-             "merge": ("r", "flops", "proportional"), "hybrid": ("name", "pretrained")}
+POS_SOURCES = ("table", "sincos")
+_SETTINGS = {"full": ("pos",), "resize": ("pos",), "tiles": ("stride", "pos"), "select": ("k", "score", "layer", "pos"),
+             "merge": ("r", "flops", "proportional", "pos"), "hybrid": ("name", "pretrained")}
 
 
 def block_flops(tokens: int, kept: int, dim: int, hidden: int) -> float:
@@ -117,12 +126,14 @@ class HighResModel(nn.Module):
     wrapped model returns; :meth:`features` returns ``(pooled features, logits or None)``; :meth:`tokens`
     the tokens each image's blocks see (the first block's)."""
 
-    def __init__(self, model: nn.Module, strategy: str, adapter: Adapter | None, settings: dict) -> None:
+    def __init__(self, model: nn.Module, strategy: str, adapter: Adapter | None, settings: dict,
+                 sincos_layout: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.strategy = strategy
         self.settings = settings
         self._adapter = adapter
+        self._sincos_layout = sincos_layout  # pos="sincos": the layout of the model's sin-cos table
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
@@ -189,7 +200,9 @@ class HighResModel(nn.Module):
     def _run_tokens(self, images: Tensor):
         ad, s = self._adapter, self.settings
         patches, grid = ad.patch_tokens(images)
-        prefix_pos, pos = ad.pos_tables(grid)
+        # pos="sincos": only the prefix rows of the table, which no grid changes; the patches' come below.
+        prefix_pos, pos = ad.pos_tables(ad.grid if self._sincos_layout else grid)
+        pos = None if self._sincos_layout else pos
         batch, n = patches.shape[:2]
         prefix = ad.prefix(batch, prefix_pos)
         if self.strategy == "select" and s["score"] != "attention":
@@ -200,6 +213,9 @@ class HighResModel(nn.Module):
         if prefix is not None:
             prefix = prefix.to(patches.dtype)
         x = _gather_tokens(patches, index, pos.to(patches.dtype) if pos is not None else None, prefix)
+        if self._sincos_layout:
+            p = x.shape[1] - index.shape[1]
+            x[:, p:] += sincos_2d(*grid, ad.embed_dim, positions=index, layout=self._sincos_layout)  # fp32, 1 rounding
         x = ad.pre_blocks(x)
         sizes = None
         if self.strategy == "merge":
@@ -324,7 +340,27 @@ def apply(model: nn.Module, strategy: str = "full", **settings) -> HighResModel:
             adapter.check_split_blocks("merge")
     elif strategy == "hybrid":
         return _hybrid(model, adapter, s)
-    return HighResModel(model, strategy, adapter, s)
+    pos = s.setdefault("pos", "table")
+    if pos not in POS_SOURCES:
+        raise ValueError(f"pos must be one of {POS_SOURCES}, got {pos!r}")
+    return HighResModel(model, strategy, adapter, s, _sincos_layout(adapter) if pos == "sincos" else None)
+
+
+def _sincos_layout(adapter: Adapter) -> str:
+    """The layout of ``fusedtx.sincos_2d`` (base 10000) equal to the model's patch position table at its native
+    grid; ValueError naming ``pos`` when there is none (a learned table, say)."""
+    _, table = adapter.pos_tables(adapter.grid)
+    if table is not None:
+        atol = max(1e-5, 4 * torch.finfo(table.dtype).eps)  # a table stored in bf16 is rounded to its eps
+        table = table.detach().reshape(adapter.grid[0] * adapter.grid[1], -1).double().cpu()
+        for layout in reference.SINCOS_2D_LAYOUTS:
+            if table.shape[-1] % 4 == 0 and torch.allclose(
+                    table, reference.sincos_2d(*adapter.grid, table.shape[-1], layout=layout, dtype=torch.float64),
+                    rtol=0.0, atol=atol):
+                return layout
+    found = "absent" if table is None else f"not one, in any of {reference.SINCOS_2D_LAYOUTS}"
+    raise ValueError(f"pos='sincos' needs a model whose position table is a 2D sin-cos encoding (MAE-style); this "
+                     f"model's is {found}")
 
 
 def _hybrid(model: nn.Module, adapter: Adapter, s: dict) -> HighResModel:

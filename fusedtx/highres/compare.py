@@ -126,6 +126,8 @@ def run(args, device: torch.device, dtype: torch.dtype) -> int:
         wanted.insert(0, ROWS[0])  # the baseline of speedup and fidelity
     models, skipped = {}, []
     for label, strategy, settings in wanted:
+        if strategy != "hybrid" and args.pos != "table":
+            settings = {**settings, "pos": args.pos}
         try:
             m = highres.apply(base, strategy, **settings)
             models[label_of(label, m, args.img_size)] = m
@@ -171,6 +173,8 @@ def report(args, device, models, feats, times, peaks, skipped):
     random_note = ("Fidelity is between random-weight models (no --weights given): it shows how far each strategy "
                    "moves the features of an untrained network, not accuracy."
                    if not args.weights else f"Weights: {args.weights}.")
+    if args.pos == "sincos":
+        random_note += " Position encodings: 2D sin-cos generated from the patch coordinates (--pos sincos)."
     lines = [
         f"# fusedtx profile --strategy {args.strategy}: {args.model} at {args.img_size}x{args.img_size}, "
         f"batch {args.batch}, {args.dtype}",

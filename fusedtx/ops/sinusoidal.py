@@ -202,6 +202,7 @@ def sincos_2d(
     grid_w: int,
     dim: int,
     *,
+    positions: Tensor | None = None,
     base: float = 10000.0,
     num_prefix_tokens: int = 0,
     layout: str = "mae",
@@ -211,9 +212,12 @@ def sincos_2d(
     """The 2D sin-cos position encoding of a grid_h x grid_w patch grid (ViT / MAE), for any grid size.
 
     Returns (num_prefix_tokens + grid_h * grid_w, dim) in ``dtype``: the prefix (class) tokens get zeros
-    (MAE's ``cls_token=True``), then the patches in row-major order. ``dim`` must be divisible by 4: each
-    quarter holds sin or cos of one axis' index times the frequencies ``1 / base^(i / (dim/4))``, in
-    the order of ``layout``:
+    (MAE's ``cls_token=True``), then the patches in row-major order. With ``positions`` (integer flat patch
+    indices ``row * grid_w + column`` in [0, grid_h * grid_w), shape (K,) or (B, K), e.g. the patches a
+    selection kept) it returns only their encodings, (K, dim) or (B, K, dim), computed from their
+    coordinates by :func:`sinusoidal_encoding` with no table of the grid (``num_prefix_tokens`` must be 0).
+    ``dim`` must be divisible by 4: each quarter holds sin or cos of one axis' index times the frequencies
+    ``1 / base^(i / (dim/4))``, in the order of ``layout``:
 
     * ``"mae"`` (default): [sin x | cos x | sin y | cos y], x the column index, y the row: equal to MAE's
       ``get_2d_sincos_pos_embed`` (whose half named ``emb_h`` is in fact built from the column index);
@@ -228,8 +232,32 @@ def sincos_2d(
     check_count("num_prefix_tokens", num_prefix_tokens, 0)
     check_encoding_args(dim, 4, base, layout, reference.SINCOS_2D_LAYOUTS)
     check_dtype("dtype", dtype)
-    device = _resolve_device(device, None)
+    device = _resolve_device(device, positions)
+    if positions is not None:
+        return _sincos_2d_at(grid_h, grid_w, dim, positions, base, num_prefix_tokens, layout, dtype, device)
     return call(_sincos_2d, grid_h, grid_w, dim, num_prefix_tokens, float(base), layout, dtype, device)
+
+
+def _sincos_2d_at(grid_h, grid_w, dim, positions, base, num_prefix_tokens, layout, dtype, device) -> Tensor:
+    """:func:`sincos_2d` of the patches at ``positions``. Each axis' half of the channels is the 1D encoding
+    of that axis' index in ``"concat"`` layout ([sin | cos], frequencies ``base^(-2i/(dim/2))``, the same as
+    the 2D formula's ``base^(-i/(dim/4))``), so two 1D encodings, arranged in ``layout``'s order, are it."""
+    if num_prefix_tokens:
+        raise ValueError(f"num_prefix_tokens must be 0 with positions (they index patches), got {num_prefix_tokens}")
+    positions = _check_positions(positions, positions.shape[-1] if isinstance(positions, Tensor) else 0, device)
+    cells = grid_h * grid_w
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cells):
+        raise ValueError(f"positions must lie in [0, {cells}) (the grid's patches), got "
+                         f"[{int(positions.min())}, {int(positions.max())}]")
+    rows, cols = (sinusoidal_encoding(positions.shape[-1], dim // 2, positions=p, base=base, layout="concat",
+                                      dtype=dtype, device=device)
+                  for p in (positions // grid_w, positions % grid_w))
+    if layout == "mae":  # [sin x | cos x | sin y | cos y]
+        return torch.cat([cols, rows], dim=-1)
+    if layout == "mae_hw":  # [sin y | cos y | sin x | cos x]
+        return torch.cat([rows, cols], dim=-1)
+    q = dim // 4  # "timm": [sin y | sin x | cos y | cos x]
+    return torch.cat([rows[..., :q], cols[..., :q], rows[..., q:], cols[..., q:]], dim=-1)
 
 
 def add_sinusoidal(
