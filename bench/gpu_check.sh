@@ -70,6 +70,9 @@ for model in vit_base_patch16_224 swin_tiny_patch4_window7_224; do
       --batch "$batch" --dtype bfloat16 --steps 10 --out "$OUT/profile_${model}_b$batch"
   done
 done
+# The high-resolution strategies side by side (fusedtx profile --strategy all) at 1024 px, bf16.
+step strategies 60 python3 -m fusedtx profile --strategy all --img-size 1024 --batch 1 --dtype bfloat16 --steps 5 \
+  --out "$OUT/strategies"
 
 {
   echo
@@ -78,7 +81,7 @@ done
   echo
   echo "## tests"
   tail -n 3 "$OUT/tests.log"
-  for md in "$OUT"/*.md "$OUT"/profile_*/report.md; do
+  for md in "$OUT"/*.md "$OUT"/profile_*/report.md "$OUT"/strategies/strategies.md; do
     case "$md" in "$summary") continue ;; esac
     [ -f "$md" ] && { echo; cat "$md"; }
   done
