@@ -94,19 +94,21 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     """The card's measured copy bandwidth (GB/s, bytes read + written) and bf16 matmul rate (TFLOP/s).
 
     Read from ``$FUSEDTX_CEILINGS`` (a JSON file ``bench/gpu_check.sh`` writes once) when set;
-    measured otherwise. On the CPU both are measured too, at small sizes, for completeness.
+    measured otherwise. On the CPU both are measured too, at small sizes, in float32: what the CPU benches
+    run in (a CPU's bf16 matmul rate would put fp32 rows far above "100%").
     """
     path = os.environ.get("FUSEDTX_CEILINGS")
     if path and Path(path).exists():
         return json.loads(Path(path).read_text())
     big = device.type == "cuda"
     n = (1 << 28) if big else (1 << 22)  # 512 MiB of bf16 on the GPU
-    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if big else torch.float32
+    src = torch.randn(n, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src), device)
     k = 8192 if big else 512
-    a = torch.randn(k, k, device=device, dtype=torch.bfloat16)
-    b = torch.randn(k, k, device=device, dtype=torch.bfloat16)
+    a = torch.randn(k, k, device=device, dtype=dtype)
+    b = torch.randn(k, k, device=device, dtype=dtype)
     mm_ms = time_ms(lambda: a @ b, device)
     return {
         "copy_gbps": 2 * src.numel() * src.element_size() / copy_ms / 1e6,
@@ -175,7 +177,7 @@ class Table:
         lines = [
             f"## {self.name} on {self.ceilings.get('device', self.device)}",
             "",
-            f"Ceiling: {self.ceilings[ceiling]:.0f} {self.metric} measured ({ceiling}). "
+            f"Ceiling: {self.ceilings[ceiling]:.3g} {self.metric} measured ({ceiling}). "
             "`vs best peer` > 1 means fusedtx is faster than the fastest other implementation.",
             "",
             f"| case | dtype | mode | impl | median ms | {self.metric} | % ceiling | peak MiB | vs best peer |",
@@ -185,7 +187,7 @@ class Table:
             ratio = f"{r['vs_best_peer']:.2f}x" if r.get("vs_best_peer", math.nan) == r.get("vs_best_peer") else ""
             shown = "n/a: " + r["error"] if "error" in r else f"{r['ms']:.4f}"
             lines.append(
-                f"| {r['case']} | {r['dtype']} | {r['mode']} | {r['impl']} | {shown} | {r['rate']:.1f} | "
+                f"| {r['case']} | {r['dtype']} | {r['mode']} | {r['impl']} | {shown} | {r['rate']:.3g} | "
                 f"{r['pct_ceiling']:.0f}% | {r['peak_mb']:.0f} | {ratio} |"
             )
         md = out_dir / f"{self.name}.md"

@@ -19,6 +19,7 @@ Autograd runs through these functions (the ops' backward takes their vector-Jaco
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -264,8 +265,9 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
 # highres
 # --------------------------------------------------------------------------------------------------
 
-# B columns per matmul in match_tokens: the (Na, chunk) score block is all that exists at once.
-MATCH_CHUNK = 1024
+# Elements of match_tokens' score block (B, Na, chunk), all of the score matrix that exists at once (16 MiB in
+# float32): O(N) memory, and one matmul up to Na = Nb = 2048 (4096 tokens), where chunking only cost time.
+MATCH_BLOCK = 1 << 22
 
 
 def patch_scores(images, patch_size, method="variance"):
@@ -312,16 +314,42 @@ def gather_tokens(tokens, index, pos=None, prefix=None):
     return torch.cat([prefix.to(tokens.dtype), rows], dim=1)
 
 
+# Adjacent columns per group in _row_max (measured on a 2-core CPU: 16 and 64 are slower, 32 fastest), and the
+# narrowest score block it is used on: below, its 8 ops cost more than the scalar max they save.
+MATCH_GROUP = 32
+MATCH_GROUPED_WIDTH = 1024
+
+
+def _row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.max(dim=-1)`` (values and the first index of each row's max), 3x faster on a CPU at 2048
+    columns, where a max with indices is a scalar loop and ``amax`` is vectorized: the max of each group of
+    ``MATCH_GROUP`` adjacent columns by ``amax``, then the indexed max over the groups (1/32 of the elements;
+    the first group holding the row's max holds its first occurrence), then the argmax inside that group."""
+    b, n, w = scores.shape
+    if w < MATCH_GROUPED_WIDTH:
+        return scores.max(dim=-1)
+    if w % MATCH_GROUP:  # pad to whole groups with -inf, which never wins
+        scores = F.pad(scores, (0, MATCH_GROUP - w % MATCH_GROUP), value=-math.inf)
+    groups = scores.view(b, n, -1, MATCH_GROUP)
+    best, group = groups.amax(dim=-1).max(dim=-1)
+    inner = groups.gather(2, group[:, :, None, None].expand(b, n, 1, MATCH_GROUP))[:, :, 0].argmax(dim=-1)
+    return best, group * MATCH_GROUP + inner
+
+
 def match_tokens(a, b, eps=1e-12):
-    """:func:`fusedtx.reference.match_tokens` streaming over B in chunks of ``MATCH_CHUNK`` with a running
-    max and argmax (the earlier chunk keeps ties), so no (Na, Nb) matrix exists at once."""
+    """:func:`fusedtx.reference.match_tokens` streaming over B in chunks of ``MATCH_BLOCK // (batch·Na)`` tokens
+    with a running max and argmax (the earlier chunk keeps ties), so no (Na, Nb) matrix exists at once. Only
+    B is normalized: dividing a row of scores by its A token's norm changes neither its argmax nor (up to
+    rounding) the cosine, so the best score is divided once instead of every A feature."""
     ct = reference.compute_dtype(a.dtype)
-    an = F.normalize(a.to(ct), dim=-1, eps=eps)
+    a = a.to(ct)
+    bsz, na, _ = a.shape
     nb = b.shape[1]
+    chunk = -(-max(1, MATCH_BLOCK // max(1, bsz * na)) // MATCH_GROUP) * MATCH_GROUP
     best = idx = None
-    for start in range(0, nb, MATCH_CHUNK):
-        bn = F.normalize(b[:, start:start + MATCH_CHUNK].to(ct), dim=-1, eps=eps)
-        score, arg = torch.bmm(an, bn.transpose(1, 2)).max(dim=-1)
+    for start in range(0, nb, chunk):
+        bn = F.normalize(b[:, start:start + chunk].to(ct), dim=-1, eps=eps)
+        score, arg = _row_max(torch.bmm(a, bn.transpose(1, 2)))
         if best is None:
             best, idx = score, arg
         else:
@@ -330,7 +358,7 @@ def match_tokens(a, b, eps=1e-12):
             idx = torch.where(better, arg + start, idx)
     if best is None:  # Nb == 0
         raise ValueError("b must hold at least one token")
-    return best, idx
+    return best / torch.linalg.vector_norm(a, dim=-1).clamp_min(eps), idx
 
 
 def merge_weighted(xb, sb, xs, ss, dst):

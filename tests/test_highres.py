@@ -84,12 +84,28 @@ def test_match_tokens(backend, dtype, na, nb, d):
 def test_match_tokens_chunks_over_b(monkeypatch):
     from fusedtx import fastpath
 
-    monkeypatch.setattr(fastpath, "MATCH_CHUNK", 7)
+    monkeypatch.setattr(fastpath, "MATCH_BLOCK", 2 * 13 * 7)  # chunks of 7 B tokens
     a, b = torch.randn(2, 13, 16), torch.randn(2, 50, 16)
     score, index = fastpath.match_tokens(a, b)
     ref_score, ref_index = reference.match_tokens(a.double(), b.double())
     assert torch.equal(index, ref_index)
     assert_close(score, ref_score, torch.float32)
+
+
+def test_grouped_row_max_is_torch_max():
+    """The fast path's grouped max (score blocks of >= MATCH_GROUPED_WIDTH columns) returns torch.max's values and
+    first indices: at a width no group size divides, with ties planted across groups and inside one."""
+    from fusedtx import fastpath
+
+    w = fastpath.MATCH_GROUPED_WIDTH + int(torch.randint(1, fastpath.MATCH_GROUP, ()).item())
+    scores = torch.randn(2, 37, w)
+    cols = torch.randperm(w)[:3].sort().values
+    scores[0, :, cols] = 9.0  # a three-way tie: the first column wins
+    scores[1, 5, cols[0]] = scores[1, 5, cols[0] + 1 if cols[0] + 1 < w else cols[0] - 1] = 9.0
+    best, index = fastpath._row_max(scores)
+    ref_best, ref_index = scores.max(dim=-1)
+    assert torch.equal(best, ref_best) and torch.equal(index, ref_index)
+    assert (index[0] == cols[0]).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

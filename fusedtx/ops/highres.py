@@ -349,8 +349,9 @@ def merge_step(x: Tensor, r: int, metric: Tensor, sizes: Tensor, p: int) -> tupl
     src, keep = order[:, :r], order[:, r:].sort(dim=1).values
     dst = match.gather(1, src)
     merged, merged_sizes = call(_merge_weighted, xb, sb, _rows(xa, src), sa.gather(1, src).to(sb.dtype), dst)
-    out = torch.cat([x[:, :p], _rows(xa, keep), merged], dim=1)
-    out_sizes = torch.cat([sizes[:, :p], sa.gather(1, keep), merged_sizes], dim=1)
+    # No empty prefix slice in the concatenations: a strided empty input takes torch.cat off its copy fast path.
+    out = torch.cat([x[:, :p]] * bool(p) + [_rows(xa, keep), merged], dim=1)
+    out_sizes = torch.cat([sizes[:, :p]] * bool(p) + [sa.gather(1, keep), merged_sizes], dim=1)
     return out, out_sizes
 
 
