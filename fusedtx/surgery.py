@@ -201,6 +201,9 @@ RULES: list[Rule] = [
          _install_swin_block, installs="_attn", skip=("attn",)),
     Rule("window_attention", "timm WindowAttention", ("timm.models.swin_transformer.WindowAttention",),
          fnn.WindowAttention.from_module),
+    Rule("window_attention", "timm Swin V2 block attention",
+         ("timm.models.swin_transformer_v2.SwinTransformerV2Block",),
+         fnn.window_attention.install_swin_v2_block, installs="_attn", skip=("attn",)),
     # Swin V2: cosine attention and the continuous position bias, as an instance forward on the stock module.
     Rule("window_attention", "Swin V2 window attention",
          ("timm.models.swin_transformer_v2.WindowAttention",

@@ -292,4 +292,5 @@ def test_swin_v2_cosine_attention(zoo):
     model = SWIN_V2[zoo]()
     size = {"timm": (24, 40), "torchvision": (20, 28)}.get(zoo, (32, 32))  # torchvision: padded windows
     report = _check(model, torch.randn(1, 3, *size, device=DEVICE), 2)
-    assert report.replaced["Swin V2 window attention"] == 2
+    # timm's blocks run the window kernel on the map (shift to reverse); the others one attention call per window batch
+    assert report.replaced["timm Swin V2 block attention" if zoo == "timm" else "Swin V2 window attention"] == 2

@@ -312,6 +312,42 @@ def _timm_v2_forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
     return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
+def _cosine_qkv(qkv: Tensor, scale: Tensor, heads: int) -> Tensor:
+    """``qkv`` (..., 3·C) with q and k L2-normalized per head and q times its head's ``scale`` (H,): what Swin
+    V2's cosine attention computes before q·kᵀ, so that the window kernel's plain softmax(q·kᵀ + bias) with
+    scale 1 is it."""
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(-3)
+    q = F.normalize(q, dim=-1) * scale.to(q.dtype)[:, None]
+    return torch.stack((q, F.normalize(k, dim=-1), v), dim=-3).flatten(-3)
+
+
+def _timm_v2_block_attn(block: nn.Module, x: Tensor) -> Tensor:
+    """timm ``SwinTransformerV2Block._attn`` (shift, pad, partition, cosine attention, reverse) as one window
+    kernel call on the map: q and k normalized and q scaled by ``exp(min(logit_scale, log 100))`` before it,
+    the continuous position bias table ``16·sigmoid(cpb_mlp(coords))`` (T, H) gathered by the kernel as V1's
+    table is. Padding tokens hold the transformed qkv bias (the stock pads x with zeros before ``qkv``)."""
+    attn, heads = block.attn, block.attn.num_heads
+    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    scale = torch.clamp(attn.logit_scale, max=_MAX_LOG_SCALE).exp().reshape(heads)
+    qkv = _cosine_qkv(F.linear(x, attn.qkv.weight, bias), scale, heads)
+    pad = _cosine_qkv(bias if bias is not None else x.new_zeros(qkv.shape[-1]), scale, heads)
+    table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, heads))
+    out = window_attention(qkv, window_size=_window(block.window_size), shift_size=_shift(block.shift_size),
+                           rel_pos_bias_table=table, num_heads=heads, qkv_bias=pad, scale=1.0,
+                           dropout_p=_dropout_p(attn))
+    return attn.proj_drop(attn.proj(out))
+
+
+def install_swin_v2_block(block: nn.Module) -> nn.Module:
+    """Install the fused window path on a timm ``SwinTransformerV2Block`` instance, as its ``_attn``
+    (:func:`_timm_v2_block_attn`, reading the block's window, shift and ``attn`` at each call); ``del
+    block._attn`` (what :func:`fusedtx.unswap` does) restores the stock one."""
+    check_like(block, "block", "timm SwinTransformerV2Block", ("attn", "window_size", "shift_size", "_attn"))
+    check_like(block.attn, "block.attn", "timm Swin V2 WindowAttention", ("qkv", "cpb_mlp", "logit_scale"))
+    object.__setattr__(block, "_attn", InstalledForward(block, _timm_v2_block_attn))
+    return block
+
+
 def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
                    output_attentions: bool | None = False, **kwargs):
     if output_attentions:  # the probabilities are wanted: the stock forward forms them
