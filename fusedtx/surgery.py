@@ -12,13 +12,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fusedtx import fastpath
 from fusedtx import nn as fnn
@@ -103,17 +104,62 @@ def _hf_attention(module: nn.Module) -> nn.Module:
 
 def _prenorm_forward(self, x, attn_mask=None, **kwargs):
     """timm ViT ``Block.forward`` with the attention branch's residual add and ``norm2`` in one
-    ``layer_norm_gelu(..., activation="none", residual=x)`` call, which returns the normalized sum and the sum."""
-    y = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, **kwargs)))
-    norm = self.norm2
-    h, x = layer_norm_gelu(y, norm.weight, norm.bias, norm.eps, activation="none", residual=x)
-    return x + self.drop_path2(self.ls2(self.mlp(h)))
+    ``layer_norm_gelu(..., activation="none", residual=x)`` call, which returns the normalized sum and the sum.
+
+    Linked to the next block of its ``nn.Sequential`` (``_fusedtx_next``, set by :func:`_link_blocks`), the MLP
+    branch's residual add and the next block's ``norm1`` are one such call too: the sum is returned and its
+    normalized value handed to the next block, which takes it only when called with that very tensor (else,
+    e.g. after a hook changed x, it runs its ``norm1``)."""
+    handoff = self.__dict__.pop("_fusedtx_handoff", None)
+    h = handoff[1] if handoff is not None and handoff[0] is x else self.norm1(x)
+    y = self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask, **kwargs)))
+    h, x = _add_norm(y, x, self.norm2)
+    y = self.drop_path2(self.ls2(self.mlp(h)))
+    nxt = self.__dict__.get("_fusedtx_next")
+    if nxt is None or _hooked(nxt.norm1):
+        return x + y
+    h, x = _add_norm(y, x, nxt.norm1)
+    object.__setattr__(nxt, "_fusedtx_handoff", (x, h))
+    return x
+
+
+def _add_norm(y: Tensor, x: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(norm(y + x), y + x)`` in one pass (``norm`` a last-dim LayerNorm)."""
+    return layer_norm_gelu(y, norm.weight, norm.bias, norm.eps, activation="none", residual=x)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook of ``module`` (or a global one) would miss a call that bypasses it."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+NEXT_NORM = "MLP residual add with the next block's norm1"
+
+
+def _link_blocks(model: nn.Module, report: SwapReport) -> None:
+    """Link each pre-norm block with the fused residual path to the next one of its ``nn.Sequential`` when that
+    one has it too (its ``norm1`` then runs inside this block's last residual add); unswap removes the links."""
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for block, nxt in itertools.pairwise(seq):
+            if (all(getattr(m, "_fusedtx_installed", None) is _PRENORM_RULE for m in (block, nxt))
+                    and "_fusedtx_next" not in block.__dict__ and _last_dim_layer_norm(nxt.norm1)):
+                object.__setattr__(block, "_fusedtx_next", nxt)
+                block.__dict__.setdefault("_fusedtx_restore", {})["_fusedtx_next"] = _MISSING
+                nxt.__dict__.setdefault("_fusedtx_restore", {})["_fusedtx_handoff"] = _MISSING
+                report.replaced[NEXT_NORM] += 1
+
+
+def _last_dim_layer_norm(norm) -> bool:
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
 
 def _install_prenorm(block: nn.Module) -> nn.Module:
     """Install :func:`_prenorm_forward` on a timm ViT ``Block`` whose ``norm2`` is a last-dim LayerNorm."""
     check = getattr(block, "norm2", None)
-    if not isinstance(check, nn.LayerNorm) or len(check.normalized_shape) != 1:
+    if not _last_dim_layer_norm(check):
         raise TypeError(f"its norm2 ({type(check).__name__}) is not a LayerNorm over the last dimension")
     for name in ("norm1", "attn", "ls1", "drop_path1", "ls2", "drop_path2", "mlp"):
         if not hasattr(block, name):
@@ -171,12 +217,14 @@ def _install_swin_block(block: nn.Module) -> nn.Module:
     return fnn.SwinBlockAttention.from_module(block, install=True)
 
 
+_PRENORM_RULE = Rule("norm", "pre-norm residual add", ("timm.models.vision_transformer.Block",), _install_prenorm,
+                     installs="forward")
+
 RULES: list[Rule] = [
     Rule("norm", "LayerNorm", ("torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"),
          fnn.LayerNorm.from_module),
     # x + ls1(attn(norm1(x))) then norm2: one layer_norm_gelu call with the residual (the block's forward).
-    Rule("norm", "pre-norm residual add", ("timm.models.vision_transformer.Block",),
-         _install_prenorm, installs="forward"),
+    _PRENORM_RULE,
     Rule("norm", "MLP activation in place", ("timm.layers.mlp.Mlp",), _install_mlp, installs="forward"),
     # torchvision's ViT encoder blocks use nn.MultiheadAttention too.
     Rule("attention", "MultiheadAttention", ("torch.nn.modules.activation.MultiheadAttention",),
@@ -307,6 +355,7 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
         _install(model, "", rule, by_class, rules, report)
     else:
         _swap_children(model, "", by_class, rules, report)
+    _link_blocks(model, report)
     _count_coverage(model, enabled, report)
     return report
 

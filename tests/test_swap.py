@@ -9,7 +9,7 @@ import transformers
 from torch import nn
 
 import fusedtx
-from fusedtx import _backend, profile
+from fusedtx import _backend, profile, surgery
 from fusedtx.surgery import FusedAway, swap, unswap
 from tests.conftest import DEVICE
 from tests.helpers import assert_close, dot_tolerance
@@ -44,7 +44,7 @@ def test_timm_vit(img_size):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=2).to(DEVICE)
     x = torch.randn(1, 3, img_size, img_size, device=DEVICE)
     _check_swap_matches(model, x, {"LayerNorm": 5, "timm Attention": 2, "pre-norm residual add": 2,
-                                      "MLP activation in place": 2})
+                                      "MLP activation in place": 2, surgery.NEXT_NORM: 1})
     assert isinstance(model.blocks[0].attn, fusedtx.nn.Attention)
 
 
@@ -176,7 +176,8 @@ def test_swap_again_adds_only_what_is_new():
 def test_timm_vit_layer_norms():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48).to(DEVICE)
     x = torch.randn(2, 3, 48, 48, device=DEVICE)
-    _check_swap_matches(model, x, {"LayerNorm": 25, "pre-norm residual add": 12, "MLP activation in place": 12},
+    _check_swap_matches(model, x, {"LayerNorm": 25, "pre-norm residual add": 12, "MLP activation in place": 12,
+                                   surgery.NEXT_NORM: 11},
                         attention=False,
                         window_attention=False)
     assert isinstance(model.norm, fusedtx.nn.LayerNorm)
@@ -219,6 +220,8 @@ def test_profile_runs_and_writes_its_report(tmp_path, capsys):
     text = (tmp_path / "report.md").read_text()
     assert "Speedup" in text and "| attention |" in text
     assert f"backend: {_backend.explain(DEVICE)[0]};" in text
+    # ViT-Ti's 12 blocks: 12 residual adds with norm2, 11 with the next block's norm1
+    assert "Residual adds fused with the LayerNorm that follows: 23 per forward (12 with the block's norm2, 11" in text
     assert (tmp_path / "trace_stock.json").stat().st_size > 0 and (tmp_path / "t.json").stat().st_size > 0
 
 
@@ -284,6 +287,38 @@ def test_timm_vit_pre_norm_residual_add_is_one_call_and_unswaps():
     assert calls == [True]
     unswap(model)
     assert "forward" not in model.blocks[0].__dict__
+
+
+def test_timm_vit_next_norm1_runs_in_the_residual_add():
+    """Blocks of one Sequential hand the next block's norm1 over: x + ls2(mlp(h)) and that norm1 are one call
+    (the next norm1 module is not run); a hook on it, or a hook changing x between blocks, takes the stock way
+    with the same numbers; unswap removes the links."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3, init_values=0.5,
+                              drop_path_rate=0.0).to(DEVICE).eval()
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        want = model(x)
+        swap(model)
+        runs = []
+        for i, block in enumerate(model.blocks):
+            norm = block.norm1
+            object.__setattr__(norm, "forward",
+                               lambda t, norm=norm, i=i: (runs.append(i), type(norm).forward(norm, t))[1])
+        assert_close(model(x), want, torch.float32, "linked", tol=dot_tolerance(torch.float32))
+        assert runs == [0]  # blocks 1 and 2 took the norm1 their predecessor computed
+        seen = []
+        handle = model.blocks[1].norm1.register_forward_hook(lambda m, i, o: seen.append(1))
+        assert_close(model(x), want, torch.float32, "hooked norm1", tol=dot_tolerance(torch.float32))
+        handle.remove()
+        assert seen == [1]
+        handle = model.blocks[0].register_forward_hook(lambda m, i, o: o * 2)
+        model_twice = model(x)
+        handle.remove()
+        unswap(model)  # the stock norm1 modules come back (the spied ones were the fused drop-ins)
+        handle = model.blocks[0].register_forward_hook(lambda m, i, o: o * 2)
+        assert_close(model_twice, model(x), torch.float32, "x changed between blocks", tol=dot_tolerance(torch.float32))
+        handle.remove()
+    assert not any(k.startswith("_fusedtx") for b in model.blocks for k in b.__dict__)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
