@@ -68,7 +68,7 @@ def launch(kernel: str, key: tuple, config: Config, run: Callable[[Config], obje
     path). With ``FUSEDTX_TUNE=1`` and a ``tuning`` whose key has no tuned config yet, the candidates are
     timed first (:func:`tune`)."""
     if tuning is not None and tuning_requested() and tuning.key not in _tables(tuning.device):
-        config = tune(tuning, run)
+        config = tune(tuning, run) or config  # none fits: the table's config, shrunk below as any other
     slot = (kernel, key, config)
     current = _working.get(slot, config)
     while True:
@@ -213,9 +213,10 @@ def _time_ms(run: Callable[[Config], object], config: Config, device: torch.devi
     return start.elapsed_time(end) / reps
 
 
-def tune(tuning: Tuning, run: Callable[[Config], object]) -> Config:
+def tune(tuning: Tuning, run: Callable[[Config], object]) -> Config | None:
     """Time every candidate of ``tuning`` with ``run`` (each launch rewrites all its outputs, so rerunning it
-    is harmless), skip those that do not fit, record the fastest and return it."""
+    is harmless), skip those that do not fit, record the fastest and return it; None (nothing recorded) when
+    none fits."""
     times = {}
     for config in tuning.candidates:
         try:
@@ -223,7 +224,7 @@ def tune(tuning: Tuning, run: Callable[[Config], object]) -> Config:
         except OutOfResources:
             continue
     if not times:
-        raise RuntimeError(f"fusedtx: no candidate of {tuning.key} fits this device")
+        return None
     best = min(times, key=times.get)
     record(tuning.device, {tuning.key: best})
     return best

@@ -88,3 +88,21 @@ def test_first_call_tunes_only_when_asked(config_dir, monkeypatch):
         out = fusedtx.attention(q, k, v)
     assert list(config_dir.glob("*.json"))
     assert_close(out, reference.attention(q.double(), k.double(), v.double()), torch.float32)
+
+
+def test_first_call_tuning_with_no_fitting_candidate_launches_the_table_config(config_dir, monkeypatch):
+    """FUSEDTX_TUNE=1 where no candidate fits while tuning: nothing is recorded and the launch goes on with the
+    table's config (and, were it too large as well, the launch guard's smaller ones and then the fast PyTorch
+    path), instead of an error reaching the user's model."""
+    from triton.runtime import OutOfResources
+
+    def never_fits(run, config, device):
+        raise OutOfResources(1 << 20, 1 << 16, "shared memory")
+
+    monkeypatch.setattr(tuning, "_time_ms", never_fits)
+    monkeypatch.setenv(tuning.TUNE_ENV, "1")
+    q, k, v = _q(), _q(), _q()
+    with fusedtx.use_backend("triton"):
+        out = fusedtx.attention(q, k, v)
+    assert not list(config_dir.glob("*.json"))
+    assert_close(out, reference.attention(q.double(), k.double(), v.double()), torch.float32)
