@@ -110,12 +110,13 @@ def _prenorm_forward(self, x, attn_mask=None, **kwargs):
     branch's residual add and the next block's ``norm1`` are one such call too: the sum is returned and its
     normalized value handed to the next block, which takes it only when called with that very tensor (else,
     e.g. after a hook changed x, it runs its ``norm1``)."""
-    handoff = self.__dict__.pop("_fusedtx_handoff", None)
+    compiling = torch.compiler.is_compiling()  # no state between blocks in a traced graph (Inductor fuses it there)
+    handoff = None if compiling else self.__dict__.pop("_fusedtx_handoff", None)
     h = handoff[1] if handoff is not None and handoff[0] is x else self.norm1(x)
     y = self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask, **kwargs)))
     h, x = _add_norm(y, x, self.norm2)
     y = self.drop_path2(self.ls2(self.mlp(h)))
-    nxt = self.__dict__.get("_fusedtx_next")
+    nxt = None if compiling else self.__dict__.get("_fusedtx_next")
     if nxt is None or _hooked(nxt.norm1):
         return x + y
     h, x = _add_norm(y, x, nxt.norm1)
