@@ -408,9 +408,22 @@ _AMPERE = {
 }
 _BLACKWELL_CONSUMER = dict(_AMPERE)
 _CONFIGS = {"hopper": _HOPPER, "blackwell": _BLACKWELL, "ampere": _AMPERE, "blackwell_consumer": _BLACKWELL_CONSUMER}
-# With a bias the forward's 128-lane head dims take narrower key blocks (the bias tile's registers).
-_BIAS_CONFIGS = {"hopper": {("fwd", 128, False): (128, 32, 8, 3)}, "blackwell": {("fwd", 128, False): (128, 32, 8, 3)},
-                 "ampere": {}, "blackwell_consumer": {}}
+# With a bias the bias tile's registers take narrower blocks where the bias-free config would spill: the
+# forward's 128-lane head dims on Hopper and Blackwell, and the builds the resource sweep found spilling with a
+# bias (bench/results/resources-sm_*.md) where a smaller config compiled without spills.
+_AMPERE_BIAS = {("dq", 64, True): (32, 32, 4, 2), ("dq", 128, True): (16, 32, 8, 2),
+                ("dkdv", 128, True): (16, 16, 8, 2), ("fwd", 256, True): (16, 16, 8, 2),
+                ("dbias", 128, False): (32, 16, 8, 2)}
+_BIAS_CONFIGS = {
+    "hopper": {("fwd", 128, False): (128, 32, 8, 3)},
+    "blackwell": {("fwd", 128, False): (128, 32, 8, 3), ("dq", 256, False): (64, 16, 8, 3),
+                  ("dkdv", 256, True): (16, 16, 8, 3)},
+    "ampere": _AMPERE_BIAS,
+    "blackwell_consumer": {**_AMPERE_BIAS, ("dq", 128, True): (32, 16, 8, 2), ("dq", 256, False): (16, 16, 8, 2),
+                           ("fwd", 256, True): (32, 16, 8, 2),
+                           ("fwd", 64, False): (128, 32, 8, 3), ("dkdv", 64, False): (32, 32, 8, 2),
+                           ("dkdv", 128, False): (32, 32, 8, 2)},
+}
 # The interpreter runs a single small config (unequal blocks, so the causal ranges are exercised).
 _INTERPRETER_CONFIG = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1), "dbias": (32, 64, 1, 1)}
 
@@ -557,14 +570,15 @@ def attention_bwd(
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *do.stride())
 
     delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
-    dq_config = _launch_config("dq", q)
+    has_bias = bias is not None
+    dq_config = _launch_config("dq", q, has_bias)
     dq_block_m, dq_warps = dq_config[0], dq_config[2]  # the delta pass shares dq's query blocks
     n_qblocks = triton.cdiv(nq, dq_block_m)
     _attn_bwd_delta_kernel[(bsz * heads * n_qblocks,)](
         out, do, delta, heads, nq, n_qblocks, *out.stride(), *do.stride(),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=dq_block_m, num_warps=dq_warps,
     )
-    key = (d, q.dtype)
+    key = (d, q.dtype, has_bias)
     if nk > 0:
         def run_dkdv(config):
             block_m, block_n, warps, stages = config
@@ -572,11 +586,12 @@ def attention_bwd(
             _attn_bwd_dkdv_kernel[(bsz * heads * n_kblocks,)](
                 q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dk, dv,
                 heads, nq, nk, n_kblocks, scale * LOG2E, scale, *strides, *dk.stride(),
-                BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+                BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages,
                 **common,
             )
 
-        launch("attention dkdv", key, _launch_config("dkdv", q), run_dkdv, tuning=_tuning("dkdv", q))
+        launch("attention dkdv", key, _launch_config("dkdv", q, has_bias), run_dkdv,
+               tuning=_tuning("dkdv", q, has_bias))
 
     def run_dq(config):
         block_m, block_n, warps, stages = config
@@ -584,11 +599,11 @@ def attention_bwd(
         _attn_bwd_dq_kernel[(bsz * heads * n_blocks,)](
             q, k, v, bias_ptr, kpm_ptr, do, lse, delta, dq,
             heads, nq, nk, n_blocks, scale * LOG2E, scale, *strides, *dq.stride(),
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, num_warps=warps, num_stages=stages,
             **common,
         )
 
-    launch("attention dq", key, dq_config, run_dq, tuning=_tuning("dq", q))
+    launch("attention dq", key, dq_config, run_dq, tuning=_tuning("dq", q, has_bias))
     if dbias is not None and dbias.numel() > 0:
         if bias.shape[3] == 1:
             dbias.zero_()  # a bias constant along the keys shifts every score of a row: no gradient
@@ -611,5 +626,6 @@ def attention_bwd(
                     **common,
                 )
 
-            launch("attention dbias", key, _launch_config("dbias", q), run_dbias, tuning=_tuning("dbias", q))
+            launch("attention dbias", key, _launch_config("dbias", q, True), run_dbias,
+                   tuning=_tuning("dbias", q, True))
     return dq, dk, dv, dbias

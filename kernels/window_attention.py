@@ -440,7 +440,21 @@ for _n in (64, 128, 256):
             _OVERRIDES["ampere"][("dq", _n, _d, _fp32)] = (64, 32, 8, 2)
             _OVERRIDES["ampere"][("bwd", _n, _d, _fp32)] = ((_n, 16, 8, 1) if _n > 64 else
                                                             (_n, 32, 8, 1) if _fp32 else (_n, _n, 8, 1))
+# 64-token windows: the fused-dQ backward (one 64x64 key block) spills where the resource sweep compiled a
+# spill-free 64x32 one (whose dQ comes from the dq kernel), or a single-stage 64x64 one (Blackwell, 16-bit).
+for _d in (32, 64):
+    _OVERRIDES["ampere"][("bwd", 64, _d, False)] = (64, 32, 8, 1)
+    _OVERRIDES["hopper"][("bwd", 64, _d, False)] = (64, 32, 8, BWD_STAGES)
+    _OVERRIDES["hopper"][("bwd", 64, _d, True)] = (64, 16, 8, BWD_STAGES)
+    _OVERRIDES["blackwell"][("bwd", 64, _d, True)] = (64, 32, 8, 1)
+    _OVERRIDES["blackwell"][("bwd", 256, _d, False)] = (256, 16, 8, 1)
+_OVERRIDES["blackwell"][("bwd", 64, 32, False)] = (64, 64, 8, 1)
+_OVERRIDES["blackwell"][("bwd", 64, 64, False)] = (64, 32, 8, 1)
+_OVERRIDES["blackwell"][("bwd", 256, 32, True)] = (256, 16, 8, 1)
+_OVERRIDES["ampere"][("dq", 64, 32, True)] = (64, 64, 8, 3)
 _OVERRIDES["blackwell_consumer"] = dict(_OVERRIDES["ampere"])
+_OVERRIDES["blackwell_consumer"][("bwd", 64, 64, True)] = (64, 16, 8, 1)
+_OVERRIDES["blackwell_consumer"][("dq", 64, 64, False)] = (64, 32, 8, 1)
 
 
 def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = torch.float16,
@@ -450,7 +464,8 @@ def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = tor
     it runs, else the current CUDA device's family).
 
     The "bwd" kernel's query tile is always the whole window (BLOCK_M = block_q(tokens)); with one key
-    block (windows up to 64 tokens on a GPU) it computes dQ too and "dq" is not launched. The interpreter
+    block (BLOCK_N >= the padded window: 64-token windows in 16-bit on Blackwell) it computes dQ too and
+    "dq" is not launched. The interpreter
     runs small blocks, so windows of 49 tokens there take the multi-block paths (dq kernel included).
     Not yet tuned on a GPU."""
     n = block_q(tokens)
