@@ -146,7 +146,7 @@ def run_profile_strategy(argv, cwd):
     # The line as written, made small: ViT-Ti at 384 px (576 patches; at 256 merging cannot halve the
     # FLOPs); a --weights file named on the line is written first, with that model's weights, so the line loads
     # a real checkpoint.
-    tiny = ["--model", "vit_tiny_patch16_224", "--img-size", "384", "--batch", "2", "--steps", "1"]
+    tiny = ["--model", "vit_tiny_patch16_224", "--img-size", "384", "--batch", "1", "--steps", "1"]
     if "--weights" in argv:
         from safetensors.torch import save_file
 
