@@ -345,7 +345,7 @@ def match_tokens(a, b, eps=1e-12):
     a = a.to(ct)
     bsz, na, _ = a.shape
     nb = b.shape[1]
-    chunk = -(-max(1, MATCH_BLOCK // max(1, bsz * na)) // MATCH_GROUP) * MATCH_GROUP
+    chunk = max(1, MATCH_BLOCK // max(1, bsz * na))
     best = idx = None
     for start in range(0, nb, chunk):
         bn = F.normalize(b[:, start:start + chunk].to(ct), dim=-1, eps=eps)

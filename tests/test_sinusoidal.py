@@ -415,6 +415,7 @@ def test_bad_arguments_are_named():
         (ValueError, "num_prefix_tokens", lambda: fusedtx.sincos_2d(2, 3, 8, num_prefix_tokens=1,
                                                                     positions=torch.tensor([0]))),
         (TypeError, "positions", lambda: fusedtx.sincos_2d(2, 3, 8, positions=[0, 1])),
+        (ValueError, "positions must have shape", lambda: fusedtx.sincos_2d(2, 3, 8, positions=torch.tensor(1))),
         (TypeError, "offset", lambda: fusedtx.add_sinusoidal(x, offset=1.5)),
         (ValueError, "grid_size", lambda: fusedtx.nn.SinCos2dPositionalEncoding(8)(x, (1, 2, 3))),
         (ValueError, "x must", lambda: fusedtx.nn.SinusoidalPositionalEncoding(16)(x)),

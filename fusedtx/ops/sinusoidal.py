@@ -244,7 +244,8 @@ def _sincos_2d_at(grid_h, grid_w, dim, positions, base, num_prefix_tokens, layou
     the 2D formula's ``base^(-i/(dim/4))``), so two 1D encodings, arranged in ``layout``'s order, are it."""
     if num_prefix_tokens:
         raise ValueError(f"num_prefix_tokens must be 0 with positions (they index patches), got {num_prefix_tokens}")
-    positions = _check_positions(positions, positions.shape[-1] if isinstance(positions, Tensor) else 0, device)
+    length = positions.shape[-1] if isinstance(positions, Tensor) and positions.dim() else 0
+    positions = _check_positions(positions, length, device)
     cells = grid_h * grid_w
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cells):
         raise ValueError(f"positions must lie in [0, {cells}) (the grid's patches), got "
