@@ -321,20 +321,31 @@ def _cosine_qkv(qkv: Tensor, scale: Tensor, heads: int) -> Tensor:
     return torch.stack((q, F.normalize(k, dim=-1), v), dim=-3).flatten(-3)
 
 
+def _cosine_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: Tensor, cpb: Tensor,
+                             heads: int, window: tuple[int, int], shift: tuple[int, int], order: str,
+                             dropout_p: float) -> Tensor:
+    """Swin V2's shifted-window cosine attention on the (B, H, W, C) map ``x`` as one window kernel call (shift,
+    pad, partition, attention, reverse): q and k normalized and q scaled by ``exp(min(logit_scale, log 100))``
+    before it, the continuous position bias table ``16·sigmoid(cpb)`` ((T, H), the CPB MLP's output over the
+    coordinate table) gathered by the kernel as V1's table is. Padding tokens hold the transformed qkv bias
+    (the stock modules pad x with zeros before ``qkv``). Returns the attention output (B, H, W, C), before
+    ``proj``."""
+    scale = torch.clamp(logit_scale, max=_MAX_LOG_SCALE).exp().reshape(heads)
+    qkv = _cosine_qkv(F.linear(x, weight, bias), scale, heads)
+    pad = _cosine_qkv(bias if bias is not None else x.new_zeros(qkv.shape[-1]), scale, heads)
+    table = 16 * torch.sigmoid(cpb.view(-1, heads))
+    return window_attention(qkv, window_size=window, shift_size=shift, rel_pos_bias_table=table, num_heads=heads,
+                            qkv_bias=pad, scale=1.0, order=order, dropout_p=dropout_p)
+
+
 def _timm_v2_block_attn(block: nn.Module, x: Tensor) -> Tensor:
     """timm ``SwinTransformerV2Block._attn`` (shift, pad, partition, cosine attention, reverse) as one window
-    kernel call on the map: q and k normalized and q scaled by ``exp(min(logit_scale, log 100))`` before it,
-    the continuous position bias table ``16·sigmoid(cpb_mlp(coords))`` (T, H) gathered by the kernel as V1's
-    table is. Padding tokens hold the transformed qkv bias (the stock pads x with zeros before ``qkv``)."""
-    attn, heads = block.attn, block.attn.num_heads
+    kernel call on the map (:func:`_cosine_window_attention`)."""
+    attn = block.attn
     bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    scale = torch.clamp(attn.logit_scale, max=_MAX_LOG_SCALE).exp().reshape(heads)
-    qkv = _cosine_qkv(F.linear(x, attn.qkv.weight, bias), scale, heads)
-    pad = _cosine_qkv(bias if bias is not None else x.new_zeros(qkv.shape[-1]), scale, heads)
-    table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, heads))
-    out = window_attention(qkv, window_size=_window(block.window_size), shift_size=_shift(block.shift_size),
-                           rel_pos_bias_table=table, num_heads=heads, qkv_bias=pad, scale=1.0,
-                           dropout_p=_dropout_p(attn))
+    out = _cosine_window_attention(x, attn.qkv.weight, bias, attn.logit_scale, attn.cpb_mlp(attn.relative_coords_table),
+                                   attn.num_heads, _window(block.window_size), _shift(block.shift_size), "timm",
+                                   _dropout_p(attn))
     return attn.proj_drop(attn.proj(out))
 
 
@@ -365,33 +376,17 @@ def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = 
 
 def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
     """torchvision ``ShiftedWindowAttentionV2.forward`` (its ``shifted_window_attention``: pad, shift,
-    partition, cosine attention, reverse) with the attention as one fused call."""
-    window, b, h, w, c = list(self.window_size), *x.shape
-    pad_r, pad_b = (window[1] - w % window[1]) % window[1], (window[0] - h % window[0]) % window[0]
-    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-    _, ph, pw, _ = x.shape
-    shift = reference.effective_shift((h, w), window, self.shift_size, "torchvision")
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    nw, n = (ph // window[0]) * (pw // window[1]), window[0] * window[1]
-    x = x.view(b, ph // window[0], window[0], pw // window[1], window[1], c).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b * nw, n, c)
-    qkv_bias = self.qkv.bias
-    if qkv_bias is not None:  # as stock: V2 has no key bias
-        length = qkv_bias.numel() // 3
-        qkv_bias = torch.cat((qkv_bias[:length], torch.zeros_like(qkv_bias[length:2 * length]),
-                              qkv_bias[2 * length:]))
-    q, k, v = F.linear(x, self.qkv.weight, qkv_bias).reshape(b * nw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    mask = reference.shift_mask((ph, pw), window, shift, x.dtype, x.device) if sum(shift) > 0 else None
-    bias = self.get_relative_position_bias().reshape(self.num_heads, n, n)
+    partition, cosine attention, reverse) as one window kernel call on the map (:func:`_cosine_window_attention`,
+    torchvision's order), its qkv bias without the key part as stock."""
+    bias = self.qkv.bias
+    if bias is not None:
+        length = bias.numel() // 3
+        bias = torch.cat((bias[:length], torch.zeros_like(bias[length:2 * length]), bias[2 * length:]))
     dropout = self.attention_dropout if self.training else 0.0
-    x = cosine_window_attention(q, k, v, self.logit_scale, bias, mask, dropout).transpose(1, 2).reshape(b * nw, n, c)
-    x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
-    x = x.view(b, ph // window[0], pw // window[1], window[0], window[1], c).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, ph, pw, c)
-    if sum(shift) > 0:
-        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-    return x[:, :h, :w, :].contiguous()
+    out = _cosine_window_attention(x, self.qkv.weight, bias, self.logit_scale, self.cpb_mlp(self.relative_coords_table),
+                                   self.num_heads, _window(self.window_size), _shift(self.shift_size), "torchvision",
+                                   dropout)
+    return F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
 
 def install_swin_v2(module: nn.Module) -> nn.Module:
