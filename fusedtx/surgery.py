@@ -180,8 +180,7 @@ def _mlp_forward(self, x):
     """timm ``Mlp.forward`` with the activation applied in place on fc1's fresh output when autograd is not
     recording (on a CPU, at ViT-B's 4096 tokens, a second buffer of that size costs about 9% of fc1 and the
     GELU together). A forward hook on fc1 or the activation may keep fc1's output: then the stock path runs."""
-    if torch.is_grad_enabled() or self.fc1._forward_hooks or self.act._forward_hooks or self.act._forward_pre_hooks \
-            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if torch.is_grad_enabled() or _hooked(self.fc1) or _hooked(self.act):
         return type(self).forward(self, x)
     x = fastpath.activate(self.fc1(x), _mlp_activation(self.act))
     return self.drop2(self.fc2(self.norm(self.drop1(x))))
