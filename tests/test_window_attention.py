@@ -18,7 +18,7 @@ from timm.models import swin_transformer as timm_swin
 import fusedtx
 from fusedtx import _backend, reference
 from tests.conftest import DEVICE, DTYPES, ON_CUDA
-from tests.helpers import TOLERANCE, assert_close, dot_tolerance
+from tests.helpers import TOLERANCE, assert_close, dot_tolerance, rel_error
 
 ORDERS = list(reference.WINDOW_ORDERS)
 
@@ -446,7 +446,11 @@ def test_autocast_matches_stock():
     with torch.autocast(DEVICE.type, dtype=dtype):
         got, expected = fused(x), stock(x)
     assert got.dtype == expected.dtype == dtype
-    assert_close(got, copy.deepcopy(stock).double()(x.double()), dtype, tol=2 * TOLERANCE[dtype])
+    # Both round the projections' inputs and outputs to the autocast dtype, so the stock module's own error
+    # against float64 is the baseline: some inputs put it above the dtype's fixed bound (4.7e-3 at seed
+    # 1459962893). fusedtx may not be less accurate than stock beyond a quarter.
+    ref = copy.deepcopy(stock).double()(x.double())
+    assert_close(got, ref, dtype, tol=max(2 * TOLERANCE[dtype], 1.25 * rel_error(expected, ref)))
 
 
 # --- errors and fallbacks ------------------------------------------------------------------------------
