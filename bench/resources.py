@@ -20,6 +20,7 @@ largest configs of each table and checks that every table still lists the config
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import subprocess
 import sys
@@ -221,27 +222,30 @@ def _attention_configs(family: str, shared: int):
 _WINDOW_UNIT_STRIDES = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
 
 
-def _window_case(kind: str, dtype: str, ws: int, d: int, config) -> tuple:
-    """(label, kernel, signature, constexprs, num_warps, num_stages) of one window attention kernel build."""
+def _window_case(kind: str, dtype: str, ws: int, d: int, config, cosine: bool = False) -> tuple:
+    """(label, kernel, signature, constexprs, num_warps, num_stages) of one window attention kernel build
+    (``cosine``: Swin V2's, q and k normalized in the kernel)."""
     from fusedtx.kernels import window_attention as k
 
     fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
           "dq": k._window_attn_bwd_dq_kernel}[kind]
     sig = {n: "i32" for n in fn.arg_names}
     sig.update({n: f"*{dtype}" for n in ("QKV", "Out", "DO", "DQKV") if n in sig})
-    sig.update({n: "*fp32" for n in ("Table", "Fill", "Mask", "Lse", "DBias", "DFill") if n in sig})
+    sig.update({n: "*fp32" for n in ("Table", "Fill", "Mask", "Scale", "Lse", "DBias", "DFill", "DScale") if n in sig})
     sig.update({n: "fp32" for n in ("qk_scale", "sm_scale") if n in sig})
     tokens = ws * ws
     bm, bn, warps, stages = config
     consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
-                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False, PRECISION="tf32")  # fp32: allow_tf32 on
+                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False, COSINE=cosine,
+                  PRECISION="tf32")  # fp32: allow_tf32 on
     consts.update({n: 1 for n in _WINDOW_UNIT_STRIDES if n in sig})
     if kind == "bwd":
         consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True, STAGES=stages)
     else:
         consts["BLOCK_M"] = bm
     sig.update({c: "constexpr" for c in consts})
-    return f"{kind} {dtype} window {ws} D={d} {_config_label(config)}", fn, sig, consts, warps, stages
+    label = f"{kind} {dtype} window {ws} D={d}{' cosine' if cosine else ''} {_config_label(config)}"
+    return label, fn, sig, consts, warps, stages
 
 
 def _window_attention_configs(family: str, shared: int):
@@ -251,23 +255,23 @@ def _window_attention_configs(family: str, shared: int):
     from fusedtx.kernels.support import window_fp32_backward_covers
 
     # Swin's windows 7 and 8 and the larger 12 and 16, head dims 32 (Swin) and 64; the dQ kernel wherever
-    # the backward's key blocks do not cover the whole window.
-    for dtype in ("bf16", "fp32"):
+    # the backward's key blocks do not cover the whole window. Swin V2's cosine variant (the same configs, a
+    # few more registers for the normalization) at its windows 8, 12 and 16, head dim 32, bfloat16.
+    plain = itertools.product(("bf16", "fp32"), ("fwd", "bwd", "dq"), (7, 8, 12, 16), (32, 64), (False,))
+    v2 = itertools.product(("bf16",), ("fwd", "bwd", "dq"), (8, 12, 16), (32,), (True,))
+    for dtype, kind, ws, d, cosine in itertools.chain(plain, v2):
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        for kind in ("fwd", "bwd", "dq"):
-            for ws in (7, 8, 12, 16):
-                for d in (32, 64):
-                    tokens = ws * ws
-                    if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d, shared):
-                        continue  # not covered on this target: the fast PyTorch path runs it
-                    if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family)[1] >= tokens:
-                        continue  # the backward computes dQ itself
-                    config = k.configs(kind, tokens, d, torch_dtype, family=family)
-                    label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config)
-                    alternatives = tuple(_window_case(kind, dtype, ws, d, c)
-                                         for c in k.candidates(kind, tokens, d, torch_dtype, family=family)
-                                         if c != config)
-                    yield Case(label, fn, sig, consts, warps, stages, alternatives)
+        tokens = ws * ws
+        if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d, shared):
+            continue  # not covered on this target: the fast PyTorch path runs it
+        if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family)[1] >= tokens:
+            continue  # the backward computes dQ itself
+        config = k.configs(kind, tokens, d, torch_dtype, family=family)
+        label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config, cosine)
+        alternatives = tuple(_window_case(kind, dtype, ws, d, c, cosine)
+                             for c in k.candidates(kind, tokens, d, torch_dtype, family=family)
+                             if c != config)
+        yield Case(label, fn, sig, consts, warps, stages, alternatives)
     fn = k._table_grad_kernel
     for ws in (7, 16):
         consts = dict(WH=ws, WW=ws, BLOCK_Q=k.block_q(ws * ws), stride_t1=1)

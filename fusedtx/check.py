@@ -10,6 +10,8 @@ left out there: the interpreter's bf16 arithmetic is wrong, see the README).
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -132,23 +134,28 @@ def check_window_attention(device, dtypes, big: bool) -> Iterator[Result]:
     for dtype in dtypes:
         for window, size in ((7, (57, 61)), (12, (30, 29))) if big else ((4, (6, 7)),):
             shift = window // 2
-            for order in ("timm", "torchvision"):
+            for order, cosine in itertools.product(("timm", "torchvision"), (False, True)):
                 base = [torch.randn(2, *size, 3 * heads * head_dim), torch.randn((2 * window - 1) ** 2, heads),
-                        torch.randn(3 * heads * head_dim)]
-                (qkv, table, qb), (qkv64, table64, qb64) = _leaves(base, dtype, device)
+                        torch.randn(3 * heads * head_dim), torch.rand(heads) * 3 + 1]
+                (qkv, table, qb, logit), (qkv64, table64, qb64, logit64) = _leaves(base, dtype, device)
                 out = fusedtx.window_attention(qkv, window_size=window, shift_size=shift, rel_pos_bias_table=table,
-                                               num_heads=heads, qkv_bias=qb, order=order)
+                                               num_heads=heads, qkv_bias=qb, order=order,
+                                               logit_scale=logit if cosine else None)
+                # Swin V2's logit scale: clamped at log 100 (the 4-ish draws cross it), exponentiated
+                cosine64 = logit64.clamp(max=math.log(100)).exp() if cosine else None
                 ref = reference.window_attention(qkv64, (window, window), (shift, shift), table64, heads, qb64,
-                                                 None, order)
+                                                 None, order, cosine_scale=cosine64)
                 g = torch.randn_like(ref)
                 fp32_bwd = dtype != torch.float32 or window_fp32_backward_covers(window * window, head_dim)
-                leaves, leaves64 = (qkv, table, qb), (qkv64, table64, qb64)
+                n = 4 if cosine else 3
+                leaves, leaves64 = (qkv, table, qb, logit)[:n], (qkv64, table64, qb64, logit64)[:n]
                 pairs = {"out": (out, ref)}
                 if fp32_bwd:  # the kernel's float32 backward covers these windows (support.py)
                     got, want = _grads(out, leaves, g), _grads(ref, leaves64, g)
-                    pairs.update(dqkv=(got[0], want[0]), dtable=(got[1], want[1]), dqkv_bias=(got[2], want[2]))
-                yield from _compare("window_attention", f"{size[0]}x{size[1]} window {window} shift {shift} {order}",
-                                    dtype, pairs, dots=True)
+                    names = ("dqkv", "dtable", "dqkv_bias", "dlogit_scale")
+                    pairs.update({name: (a, b) for name, a, b in zip(names[:n], got, want, strict=True)})
+                label = f"{size[0]}x{size[1]} window {window} shift {shift} {order}" + (" cosine" if cosine else "")
+                yield from _compare("window_attention", label, dtype, pairs, dots=True)
 
 
 CHECKS: dict[str, Callable[..., Iterator[Result]]] = {

@@ -223,7 +223,7 @@ def window_geometry(h: int, w: int, window_size: tuple[int, int], shift_size: tu
 
 
 def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads, qkv_bias=None, scale=None,
-                     order="timm", mask=None, dropout_p=0.0, return_lse=False):
+                     order="timm", mask=None, dropout_p=0.0, return_lse=False, cosine_scale=None):
     """:func:`fusedtx.reference.window_attention` as one gather, SDPA over every window, one gather back."""
     bsz, h, w, c3 = qkv.shape
     window_size, shift_size = tuple(window_size), tuple(shift_size)
@@ -240,6 +240,8 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
         fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)
         x = x.index_copy(1, padding, fill.expand(bsz, padding.numel(), c3))
     q, k, v = x.view(bsz * windows, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if cosine_scale is not None:
+        q, k, scale = reference.cosine_qk(q, k, cosine_scale)
     ct = reference.compute_dtype(qkv.dtype)
     bias = rel_pos_bias_table.to(ct)[rel_index].view(n, n, num_heads).permute(2, 0, 1)[None]  # 1, heads, N, N
     if shift is not None:

@@ -298,6 +298,15 @@ def _pad_map(x: torch.Tensor, window_size: tuple[int, int], fill: torch.Tensor) 
     return torch.cat([x, fill.expand(bsz, pad_h, w + pad_w, c)], dim=1)
 
 
+def cosine_qk(q: torch.Tensor, k: torch.Tensor, cosine_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Swin V2's cosine attention as plain attention: (q̂·cosine_scale[h], k̂, scale 1) for q, k (..., heads, N,
+    head_dim), where x̂ = x / max(|x|, 1e-12) (``F.normalize``)."""
+    def unit(x):
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    return unit(q) * cosine_scale.to(q.dtype).view(-1, 1, 1), unit(k), 1.0
+
+
 def window_attention(
     qkv: torch.Tensor,
     window_size: tuple[int, int],
@@ -310,6 +319,7 @@ def window_attention(
     mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    cosine_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Swin (shifted) window attention on the qkv projection of a (B, H, W, C) map, both stock orders.
 
@@ -324,6 +334,8 @@ def window_attention(
     before the Linear. ``rel_pos_bias_table`` is ((2wh-1)(2ww-1), heads); ``scale`` defaults to
     head_dim^-0.5. ``mask`` (M, N, N) is an extra additive mask: window number g (counted over
     (batch, window row, window column)) adds ``mask[g % M]``. ``dropout_p`` drops attention probabilities.
+    ``cosine_scale`` (heads,), Swin V2's cosine attention: q and k L2-normalized (padded tokens' too), and
+    ``q̂·k̂ᵀ·cosine_scale[h]`` in place of ``q·kᵀ·scale``.
 
     With ``return_lse``, also the natural-log log-sum-exp of every window row, (B·windows, heads, N), in
     the compute dtype.
@@ -349,6 +361,8 @@ def window_attention(
     # partition: (3, B·windows, heads, N, head_dim)
     x = x.view(bsz, hp // wh, wh, wp // ww, ww, 3, num_heads, head_dim).permute(5, 0, 1, 3, 6, 2, 4, 7)
     q, k, v = x.reshape(3, bsz * windows, num_heads, n, head_dim).unbind(0)
+    if cosine_scale is not None:
+        q, k, scale = cosine_qk(q, k, cosine_scale)
     idx = relative_position_index(window_size, qkv.device)
     bias = rel_pos_bias_table.to(ct)[idx].permute(2, 0, 1).unsqueeze(0)  # 1, heads, N, N
     if sh or sw:

@@ -24,6 +24,12 @@ key j) pair is ``v(i) - v(j) + const``, and its shift region id (from its grid p
 tensor). The softmax is the attention family's online-softmax core (``online_softmax_step``,
 ``finish_rows``, ``lse_log2``, ``softmax_bwd``); this file adds only the index arithmetic around it.
 
+Swin V2's cosine attention (``COSINE``): every q and k row (padding keys' bias rows too) is L2-normalized
+as it is loaded, and the head's multiplier ``Scale[h]`` (exp of the clamped logit scale) takes the place of
+``scale``. The backward's dQ and dK, taken for the unit vectors, go back through the normalization on the
+way out: ``dx = (dx̂ - x̂·(x̂·dx̂)) / |x|``. The gradient of ``Scale[h]`` is ``Σ dS·(q̂·k̂)``, summed as
+``Σ_j k̂_j·(dSᵀq̂)_j`` over each backward program's keys (complete per window there) into per-program partials.
+
 Forward: one program per (batch, window, head, query block), a 1-D grid (no 65,535 cap), walking the
 key blocks of its window; it stores the output rows and the log-sum-exp of every window row
 (B·windows, heads, N) fp32.
@@ -141,6 +147,39 @@ def _load_keys(ptr, rows, real, inside, Fill, stride_c, stride_f, HEAD_DIM: tl.c
 
 
 @triton.jit
+def _unit_rows(x, COSINE: tl.constexpr):
+    """With COSINE, the rows of tile ``x`` L2-normalized as ``F.normalize`` does (x / max(|x|, 1e-12)), in x's
+    dtype, and the fp32 factor 1 / max(|x|, 1e-12) of each row; else ``x`` and ones."""
+    if COSINE:
+        xf = x.to(tl.float32)
+        rinv = 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), 1e-12)
+        x = (xf * rinv[:, None]).to(x.dtype)
+    else:
+        rinv = tl.full([x.shape[0]], 1.0, tl.float32)
+    return x, rinv
+
+
+@triton.jit
+def _unit_rows_grad(dxhat, xhat, rinv, COSINE: tl.constexpr):
+    """The gradient of rows x from that of x̂ = x·rinv (:func:`_unit_rows`): ``(dx̂ - x̂·(x̂·dx̂))·rinv``
+    (the radial part removed); ``dxhat`` itself without COSINE. Rows of zeros give dx̂·rinv, as
+    F.normalize's gradient does below its eps."""
+    if COSINE:
+        xh = xhat.to(tl.float32)
+        dxhat = (dxhat - xh * tl.sum(xh * dxhat, axis=1)[:, None]) * rinv[:, None]
+    return dxhat
+
+
+@triton.jit
+def _head_scales(Scale, h, qk_scale, sm_scale, COSINE: tl.constexpr):
+    """(qk_scale, sm_scale) of head h: the launch's, or with COSINE the head's Scale[h] (times log2(e))."""
+    if COSINE:
+        sm_scale = tl.load(Scale + h).to(tl.float32)
+        qk_scale = sm_scale * _LOG2E
+    return qk_scale, sm_scale
+
+
+@triton.jit
 def _window_scores(a, b, qk_scale, Tb, stride_t, Mg, stride_mi, stride_mj, iq, ik, cq, ck,
                    WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -171,8 +210,10 @@ def _table_origin(Table, h, stride_t0, stride_t1, WH: tl.constexpr, WW: tl.const
 @triton.jit
 def _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
           stride_b, stride_h, stride_w, stride_c, stride_f, WH: tl.constexpr, WW: tl.constexpr,
-          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TORCHVISION: tl.constexpr, HAS_FILL: tl.constexpr):
-    """Keys and values ``offs_n`` of window (b, wy, wx), head h, and their map position, realness and code."""
+          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TORCHVISION: tl.constexpr, HAS_FILL: tl.constexpr,
+          COSINE: tl.constexpr):
+    """Keys (unit rows with COSINE) and values ``offs_n`` of window (b, wy, wx), head h, their map position,
+    realness and code, and the keys' :func:`_unit_rows` factors."""
     yk, xk, real_k, ck = _tokens(offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, WH, WW, TORCHVISION)
     base = QKV + b.to(tl.int64) * stride_b + h * HEAD_DIM * stride_c
     fill = Fill + h * HEAD_DIM * stride_f
@@ -183,7 +224,8 @@ def _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
                    HEAD_DIM, BLOCK_D, HAS_FILL)
     v = _load_keys(base + 2 * C * stride_c, rows, real_k, inside, fill + 2 * C * stride_f, stride_c, stride_f,
                    HEAD_DIM, BLOCK_D, HAS_FILL)
-    return k, v, yk, xk, real_k, ck
+    k, rinv_k = _unit_rows(k, COSINE)
+    return k, v, yk, xk, real_k, ck, rinv_k
 
 
 @triton.jit
@@ -205,31 +247,33 @@ def _query_program(heads, n_wy, n_wx, N: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["H", "W", "n_wy", "n_wx", "sh", "sw", "n_mask"])
 def _window_attn_fwd_kernel(
-    QKV, Table, Fill, Mask, Out, Lse,
+    QKV, Table, Fill, Mask, Scale, Out, Lse,
     H, W, n_wy, n_wx, sh, sw, heads, n_mask, qk_scale,
     stride_b, stride_h, stride_w, stride_c,
     stride_ob, stride_oh, stride_ow, stride_oc,
     stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
-    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     N = WH * WW
     offs_m, h, g, b, wy, wx = _query_program(heads, n_wy, n_wx, N, BLOCK_M)
+    qk_scale = _head_scales(Scale, h, qk_scale, 1.0, COSINE)[0]
     Tb = _table_origin(Table, h, stride_t0, stride_t1, WH, WW)
     Mg = Mask + (g % n_mask) * stride_m0
     yq, xq, real_q, cq = _tokens(offs_m, wy, wx, H, W, n_wy, n_wx, sh, sw, WH, WW, TORCHVISION)
     # Padding queries are computed with q = 0: their outputs are dropped and their lse never used.
     q = _load_rows(QKV + b.to(tl.int64) * stride_b + h * HEAD_DIM * stride_c, yq * stride_h + xq * stride_w,
                    real_q, stride_c, HEAD_DIM, BLOCK_D)
+    q = _unit_rows(q, COSINE)[0]
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, _, _, _, ck = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
-                                  stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
-                                  TORCHVISION, HAS_FILL)
+        k, v, _, _, _, ck, _ = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+                                     stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
+                                     TORCHVISION, HAS_FILL, COSINE)
         s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_m[:, None],
                            offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK,
                            PRECISION)
@@ -250,9 +294,10 @@ def _queries(QKV, Out, DO, Lse, b, g, h, offs_q, wy, wx, H, W, n_wy, n_wx, sh, s
              stride_b, stride_h, stride_w, stride_c, stride_ob, stride_oh, stride_ow, stride_oc,
              stride_gb, stride_gh, stride_gw, stride_gc,
              WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-             TORCHVISION: tl.constexpr):
-    """What the backward needs of the queries ``offs_q`` of window g, head h: q, dO, lse (log2 units),
-    delta = rowsum(dO·O), and their map position, realness and code.
+             TORCHVISION: tl.constexpr, COSINE: tl.constexpr):
+    """What the backward needs of the queries ``offs_q`` of window g, head h: q (unit rows with COSINE), dO,
+    lse (log2 units), delta = rowsum(dO·O), their map position, realness and code, and q's
+    :func:`_unit_rows` factors.
 
     Padding queries have no output, so no gradient reaches them: their lse is +inf, making their
     probabilities, and everything they would add, exactly 0."""
@@ -260,6 +305,7 @@ def _queries(QKV, Out, DO, Lse, b, g, h, offs_q, wy, wx, H, W, n_wy, n_wx, sh, s
     b64 = b.to(tl.int64)
     q = _load_rows(QKV + b64 * stride_b + h * HEAD_DIM * stride_c, yq * stride_h + xq * stride_w, real_q,
                    stride_c, HEAD_DIM, BLOCK_D)
+    q, rinv_q = _unit_rows(q, COSINE)
     do = _load_rows(DO + b64 * stride_gb + h * HEAD_DIM * stride_gc, yq * stride_gh + xq * stride_gw, real_q,
                     stride_gc, HEAD_DIM, BLOCK_D)
     o = _load_rows(Out + b64 * stride_ob + h * HEAD_DIM * stride_oc, yq * stride_oh + xq * stride_ow, real_q,
@@ -267,12 +313,12 @@ def _queries(QKV, Out, DO, Lse, b, g, h, offs_q, wy, wx, H, W, n_wy, n_wx, sh, s
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     lse2 = lse_log2(Lse + (g.to(tl.int64) * heads + h) * (WH * WW), offs_q, WH * WW)
     lse2 = tl.where(real_q, lse2, float("inf"))
-    return q, do, lse2, delta, yq, xq, real_q, cq
+    return q, do, lse2, delta, yq, xq, real_q, cq, rinv_q
 
 
 @triton.jit(do_not_specialize=["H", "W", "n_wy", "n_wx", "sh", "sw", "n_mask", "n_windows", "per_group"])
 def _window_attn_bwd_kernel(
-    QKV, Table, Fill, Mask, Out, DO, Lse, DQKV, DBias, DFill,
+    QKV, Table, Fill, Mask, Scale, Out, DO, Lse, DQKV, DBias, DFill, DScale,
     H, W, n_wy, n_wx, sh, sw, heads, n_mask, n_windows, per_group, qk_scale, sm_scale,
     stride_b, stride_h, stride_w, stride_c,
     stride_ob, stride_oh, stride_ow, stride_oc,
@@ -282,7 +328,7 @@ def _window_attn_bwd_kernel(
     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
     HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_DQ: tl.constexpr, TABLE_GRAD: tl.constexpr,
-    FILL_GRAD: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+    FILL_GRAD: tl.constexpr, STAGES: tl.constexpr, COSINE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Tiles are (all queries of the window) x (this program's keys); the program walks windows
     # g0 .. g0 + per_group - 1 in order, so its partial sums are deterministic.
@@ -296,33 +342,38 @@ def _window_attn_bwd_kernel(
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.arange(0, BLOCK_Q)
     Tb = _table_origin(Table, h, stride_t0, stride_t1, WH, WW)
+    qk_scale, sm_scale = _head_scales(Scale, h, qk_scale, sm_scale, COSINE)
     dbias = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32)
+    dscale = tl.zeros([BLOCK_N], dtype=tl.float32)
     fill_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
     fill_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
     g0 = grp * per_group  # window numbers stay 32-bit (index math in 64 bits costs registers)
     for i in tl.range(0, tl.minimum(per_group, n_windows - g0), num_stages=STAGES):
         g = g0 + i
         b, wy, wx = _window_of(g, n_wy, n_wx)
-        q, do, lse2, delta, yq, xq, real_q, cq = _queries(
+        q, do, lse2, delta, yq, xq, real_q, cq, rinv_q = _queries(
             QKV, Out, DO, Lse, b, g, h, offs_q, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
             stride_b, stride_h, stride_w, stride_c, stride_ob, stride_oh, stride_ow, stride_oc,
-            stride_gb, stride_gh, stride_gw, stride_gc, WH, WW, HEAD_DIM, BLOCK_D, TORCHVISION)
-        k, v, yk, xk, real_k, ck = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
-                                         stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM,
-                                         BLOCK_D, TORCHVISION, HAS_FILL)
+            stride_gb, stride_gh, stride_gw, stride_gc, WH, WW, HEAD_DIM, BLOCK_D, TORCHVISION, COSINE)
+        k, v, yk, xk, real_k, ck, rinv_k = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw,
+                                                 heads, stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW,
+                                                 HEAD_DIM, BLOCK_D, TORCHVISION, HAS_FILL, COSINE)
         Mg = Mask + (g % n_mask) * stride_m0
         s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_q[:, None],
                            offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK,
                            PRECISION)
         p, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v), input_precision=PRECISION), delta[:, None])
         dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * sm_scale
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        if COSINE:  # d(scale) = Σ dS·(q̂·k̂) = Σ_j k̂_j·(dSᵀq̂)_j
+            dscale += tl.sum(k.to(tl.float32) * dk, axis=1)
+        dk = _unit_rows_grad(dk * sm_scale, k, rinv_k, COSINE)
         out = DQKV + b.to(tl.int64) * stride_xb + h * HEAD_DIM * stride_xc
         rows = yk * stride_xh + xk * stride_xw
         _store_rows(out + C * stride_xc, rows, real_k, stride_xc, dk, HEAD_DIM, BLOCK_D)
         _store_rows(out + 2 * C * stride_xc, rows, real_k, stride_xc, dv, HEAD_DIM, BLOCK_D)
         if FUSE_DQ:  # this block holds every key of the window: dQ = dS·K is complete
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            dq = _unit_rows_grad(tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale, q, rinv_q, COSINE)
             _store_rows(out, yq * stride_xh + xq * stride_xw, real_q, stride_xc, dq, HEAD_DIM, BLOCK_D)
         if FILL_GRAD:  # padding keys and values are the qkv bias: their gradients go to it
             pad = ((offs_n < N) & ~real_k)[:, None]
@@ -339,11 +390,13 @@ def _window_attn_bwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         tl.store(part + cols, fill_dk, mask=cols < HEAD_DIM)
         tl.store(part + HEAD_DIM + cols, fill_dv, mask=cols < HEAD_DIM)
+    if COSINE:  # DScale: (groups, heads, key blocks) partials
+        tl.store(DScale + (grp.to(tl.int64) * heads + h) * n_kblocks + kb, tl.sum(dscale))
 
 
 @triton.jit(do_not_specialize=["H", "W", "n_wy", "n_wx", "sh", "sw", "n_mask"])
 def _window_attn_bwd_dq_kernel(
-    QKV, Table, Fill, Mask, Out, DO, Lse, DQKV,
+    QKV, Table, Fill, Mask, Scale, Out, DO, Lse, DQKV,
     H, W, n_wy, n_wx, sh, sw, heads, n_mask, qk_scale, sm_scale,
     stride_b, stride_h, stride_w, stride_c,
     stride_ob, stride_oh, stride_ow, stride_oc,
@@ -352,30 +405,31 @@ def _window_attn_bwd_dq_kernel(
     stride_t0, stride_t1, stride_f, stride_m0, stride_m1, stride_m2,
     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SHIFTED: tl.constexpr, TORCHVISION: tl.constexpr,
-    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_FILL: tl.constexpr, HAS_MASK: tl.constexpr, COSINE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dQ of one query block of one window and head, walking the window's key blocks.
     N = WH * WW
     offs_m, h, g, b, wy, wx = _query_program(heads, n_wy, n_wx, N, BLOCK_M)
-    q, do, lse2, delta, yq, xq, real_q, cq = _queries(
+    q, do, lse2, delta, yq, xq, real_q, cq, rinv_q = _queries(
         QKV, Out, DO, Lse, b, g, h, offs_m, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
         stride_b, stride_h, stride_w, stride_c, stride_ob, stride_oh, stride_ow, stride_oc,
-        stride_gb, stride_gh, stride_gw, stride_gc, WH, WW, HEAD_DIM, BLOCK_D, TORCHVISION)
+        stride_gb, stride_gh, stride_gw, stride_gc, WH, WW, HEAD_DIM, BLOCK_D, TORCHVISION, COSINE)
     Tb = _table_origin(Table, h, stride_t0, stride_t1, WH, WW)
+    qk_scale, sm_scale = _head_scales(Scale, h, qk_scale, sm_scale, COSINE)
     Mg = Mask + (g % n_mask) * stride_m0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, _, _, _, ck = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
-                                  stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
-                                  TORCHVISION, HAS_FILL)
+        k, v, _, _, _, ck, _ = _keys(QKV, Fill, b, h, offs_n, wy, wx, H, W, n_wy, n_wx, sh, sw, heads,
+                                     stride_b, stride_h, stride_w, stride_c, stride_f, WH, WW, HEAD_DIM, BLOCK_D,
+                                     TORCHVISION, HAS_FILL, COSINE)
         s = _window_scores(q, k, qk_scale, Tb, stride_t0, Mg, stride_m1, stride_m2, offs_m[:, None],
                            offs_n[None, :], cq[:, None], ck[None, :], WH, WW, SHIFTED, HAS_MASK,
                            PRECISION)
         _, ds = softmax_bwd(s, lse2[:, None], tl.dot(do, tl.trans(v), input_precision=PRECISION), delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_rows(DQKV + b.to(tl.int64) * stride_xb + h * HEAD_DIM * stride_xc, yq * stride_xh + xq * stride_xw,
-                real_q, stride_xc, dq * sm_scale, HEAD_DIM, BLOCK_D)
+                real_q, stride_xc, _unit_rows_grad(dq * sm_scale, q, rinv_q, COSINE), HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -524,7 +578,7 @@ def _groups(device: torch.device, windows: int, per_window_programs: int) -> tup
     return triton.cdiv(windows, per_group), per_group
 
 
-def _common_args(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, order):
+def _common_args(qkv, table, qkv_bias, mask, cosine_scale, window_size, shift_size, num_heads, order):
     """(pointer stand-ins, geometry and stride arguments, constexprs) shared by every window kernel."""
     bsz, h, w, _ = qkv.shape
     (wh, ww), (sh, sw) = window_size, shift_size
@@ -533,25 +587,28 @@ def _common_args(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads,
     n_mask = mask.shape[0] if mask is not None else 1
     fill_stride = qkv_bias.stride(0) if qkv_bias is not None else 0
     mask_strides = mask.stride() if mask is not None else (0, 0, 0)
-    ptrs = (table, qkv_bias if qkv_bias is not None else table, mask if mask is not None else table)
+    cosine_scale = cosine_scale.contiguous() if cosine_scale is not None else None  # read as Scale + h
+    ptrs = tuple(t if t is not None else table for t in (table, qkv_bias, mask, cosine_scale))
     geometry = (h, w, n_wy, n_wx, sh, sw, num_heads, n_mask)
     tail = (*table.stride(), fill_stride, *mask_strides)
     consts = dict(WH=wh, WW=ww, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), SHIFTED=bool(sh or sw),
                   TORCHVISION=order == "torchvision", HAS_FILL=qkv_bias is not None,
-                  HAS_MASK=mask is not None,
+                  HAS_MASK=mask is not None, COSINE=cosine_scale is not None,
                   PRECISION=dot_precision(qkv.dtype))
     return ptrs, geometry, tail, consts, bsz * n_wy * n_wx
 
 
-def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order):
+def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order,
+                         cosine_scale=None):
     """Forward. ``qkv`` (B, H, W, 3·C) any strides, ``table`` ((2wh-1)(2ww-1), heads), ``qkv_bias`` (3·C,)
-    or None, ``mask`` (M, N, N) or None; ``shift_size`` is the effective shift. Returns out (B, H, W, C)
-    in qkv's dtype and lse (B·windows, heads, N) fp32."""
+    or None, ``mask`` (M, N, N) or None; ``shift_size`` is the effective shift. ``cosine_scale`` (heads,) or
+    None: Swin V2's cosine attention, q and k L2-normalized and head h's logits times ``cosine_scale[h]``
+    (``scale`` unused). Returns out (B, H, W, C) in qkv's dtype and lse (B·windows, heads, N) fp32."""
     bsz, h, w, c3 = qkv.shape
     tokens = window_size[0] * window_size[1]
     out = torch.empty((bsz, h, w, c3 // 3), dtype=qkv.dtype, device=qkv.device)
-    ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, window_size, shift_size,
-                                                         num_heads, order)
+    ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, cosine_scale, window_size,
+                                                         shift_size, num_heads, order)
     lse = torch.empty((windows, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     if out.numel() == 0:
         return out, lse
@@ -571,20 +628,22 @@ def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, nu
 
 
 def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads,
-                         scale, order, table_grad, bias_grad):
+                         scale, order, table_grad, bias_grad, cosine_scale=None):
     """Backward of :func:`window_attention_fwd` (``out``, ``lse`` are what it returned, ``dout`` the
-    gradient of out, any strides). Returns dqkv (B, H, W, 3·C) in qkv's dtype, and d(table) and d(qkv_bias)
-    in their dtypes when asked for (else None); d(qkv_bias) is what the padding tokens give (zero for q)."""
+    gradient of out, any strides). Returns dqkv (B, H, W, 3·C) in qkv's dtype, d(table) and d(qkv_bias)
+    in their dtypes when asked for (else None; d(qkv_bias) is what the padding tokens give, zero for q), and
+    d(cosine_scale) in its dtype (None without it)."""
     bsz, h, w, c3 = qkv.shape
     tokens = window_size[0] * window_size[1]
     head_dim = c3 // (3 * num_heads)
     dqkv = torch.empty((bsz, h, w, c3), dtype=qkv.dtype, device=qkv.device)
-    ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, window_size, shift_size,
-                                                         num_heads, order)
+    ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, cosine_scale, window_size,
+                                                         shift_size, num_heads, order)
     bias_grad = bias_grad and qkv_bias is not None
+    dscale = torch.zeros_like(cosine_scale) if cosine_scale is not None else None
     if windows == 0:
         dtable = torch.zeros_like(table) if table_grad else None
-        return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None)
+        return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None), dscale
     strides = (*qkv.stride(), *out.stride(), *dout.stride(), *dqkv.stride())
     key = (tokens, head_dim, qkv.dtype)
 
@@ -596,14 +655,16 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
                             device=qkv.device)
         dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if bias_grad else (1,),
                             dtype=torch.float32, device=qkv.device)
+        dscales = torch.empty((groups, num_heads, n_kblocks) if dscale is not None else (1,), dtype=torch.float32,
+                              device=qkv.device)
         _window_attn_bwd_kernel[(groups * num_heads * n_kblocks,)](
-            qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, *geometry, windows, per_group, scale * LOG2E, scale,
-            *strides, *tail, BLOCK_N=block_n, BLOCK_Q=bq, FUSE_DQ=n_kblocks == 1, TABLE_GRAD=table_grad,
+            qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, dscales, *geometry, windows, per_group, scale * LOG2E,
+            scale, *strides, *tail, BLOCK_N=block_n, BLOCK_Q=bq, FUSE_DQ=n_kblocks == 1, TABLE_GRAD=table_grad,
             FILL_GRAD=bias_grad, STAGES=stages, num_warps=warps, num_stages=stages, **consts,
         )
-        return bq, n_kblocks, dbias, dfill
+        return bq, n_kblocks, dbias, dfill, dscales
 
-    bq, n_kblocks, dbias, dfill = launch("window_attention bwd", key,
+    bq, n_kblocks, dbias, dfill, dscales = launch("window_attention bwd", key,
                                          _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True,
                                          tuning=_tuning("bwd", qkv, tokens, head_dim))
     if n_kblocks > 1:
@@ -627,4 +688,6 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
     if bias_grad:  # (heads, 2, head_dim) -> [0 for q | dk of padding | dv of padding]
         kv = dfill.sum((0, 2)).transpose(0, 1).reshape(2 * num_heads * head_dim)
         dqkv_bias = torch.cat([torch.zeros_like(kv[: c3 // 3]), kv]).to(qkv_bias.dtype)
-    return dqkv, dtable, dqkv_bias
+    if dscale is not None:
+        dscale = dscales.sum((0, 2)).to(dscale.dtype)
+    return dqkv, dtable, dqkv_bias, dscale

@@ -76,10 +76,11 @@ def _window_cases(layout):
     table = _lay(torch.randn(2, 15, device=DEVICE).t(), layout).requires_grad_()
     qkv_bias = _randn(24, layout=layout, grad=True)
     args = ([2, 3], [1, 1], 2, 0.5, "timm")
-    yield OPS.window_attention_fwd, (qkv, table, qkv_bias, None, *args)
-    out, lse = OPS.window_attention_fwd(qkv.detach(), table.detach(), qkv_bias.detach(), None, *args)
+    cosine = _lay(torch.rand(2, device=DEVICE) * 20 + 1, layout).requires_grad_()  # Swin V2's per-head scale
+    yield OPS.window_attention_fwd, (qkv, table, qkv_bias, None, cosine, *args)
+    out, lse = OPS.window_attention_fwd(qkv.detach(), table.detach(), qkv_bias.detach(), None, cosine.detach(), *args)
     dout = _randn(1, 2, 4, 8, layout=layout)
-    yield OPS.window_attention_bwd, (dout, qkv.detach(), table.detach(), qkv_bias.detach(), None,
+    yield OPS.window_attention_bwd, (dout, qkv.detach(), table.detach(), qkv_bias.detach(), None, cosine.detach(),
                                      _lay(out, layout), lse, *args, True, True)
 
 

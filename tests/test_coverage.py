@@ -15,10 +15,9 @@ import fusedtx
 from fusedtx.nn.attention import SDPARoute, sdpa
 from fusedtx.surgery import swap, unswap
 from tests.conftest import DEVICE
-from tests.helpers import assert_close, dot_tolerance, rel_error
+from tests.helpers import STOCK_FACTOR, assert_close, dot_tolerance, rel_error
 
 TOL = dot_tolerance(torch.float32)
-STOCK_FACTOR = 4  # a gradient's error bound, in units of stock float32's own error, where that is larger
 
 
 def _run(model, x, dy=None, grads=True):

@@ -7,6 +7,7 @@ head dims 32 and 64, Swin stage shapes up to 256x256, bfloat16, and more than 65
 """
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from timm.models import swin_transformer as timm_swin
 import fusedtx
 from fusedtx import _backend, reference
 from tests.conftest import DEVICE, DTYPES, ON_CUDA
-from tests.helpers import TOLERANCE, assert_close, dot_tolerance, rel_error
+from tests.helpers import STOCK_FACTOR, TOLERANCE, assert_close, dot_tolerance, rel_error
 
 ORDERS = list(reference.WINDOW_ORDERS)
 
@@ -27,32 +28,58 @@ def _table(window, heads, dtype=torch.float32):
     return torch.randn((2 * window[0] - 1) * (2 * window[1] - 1), heads, device=DEVICE, dtype=dtype)
 
 
-def _check(bsz, h, w, window, shift, heads, head_dim, order, dtype, bias=True, mask=None, table_dtype=None):
+# The logit scale's gradient sums dS·cos over every (query, key) pair of every window, and each row's dS sums
+# to 0, so its terms cancel, by a factor that depends on the draw: its bound is this many times the dtype's,
+# or STOCK_FACTOR times the fast PyTorch path's own error on the same inputs where that is larger.
+LOGIT_SCALE_GRAD_FACTOR = 10
+
+
+def _check(bsz, h, w, window, shift, heads, head_dim, order, dtype, bias=True, mask=None, table_dtype=None,
+           cosine=False):
     """fusedtx.window_attention forward and backward against the float64 reference: out, dqkv, d(table)
-    and d(qkv_bias) (the padding tokens' share). Returns the fused (out, grads...)."""
+    and d(qkv_bias) (the padding tokens' share), and with ``cosine`` (Swin V2) d(logit_scale), the logit
+    scales drawn on both sides of the clamp at log 100 in float32. Returns the fused (out, grads...)."""
     c = heads * head_dim
     qkv = torch.randn(bsz, h, w, 3 * c, device=DEVICE, dtype=dtype)
     inputs = [qkv, _table(window, heads, table_dtype or dtype)]
+    names = ["dqkv", "dtable"]
     if bias:
         inputs.append(torch.randn(3 * c, device=DEVICE, dtype=dtype))
-    leaves = [t.detach().requires_grad_() for t in inputs]
+        names.append("dqkv_bias")
+    if cosine:  # Swin V2's (heads, 1, 1) parameter, float32 as in a half-precision autocast model
+        # The logits' rounding error grows with the scale (up to 100): 16-bit inputs stay at the stock init's
+        # log 10 and below, float32 crosses the clamp at log 100.
+        high = 5.5 if dtype == torch.float32 else math.log(10)
+        inputs.append(torch.empty(heads, 1, 1, device=DEVICE).uniform_(high - 4, high))
+        names.append("dlogit_scale")
     kw = dict(window_size=window, shift_size=shift, num_heads=heads, order=order, mask=mask)
-    out = fusedtx.window_attention(leaves[0], rel_pos_bias_table=leaves[1],
-                                   qkv_bias=leaves[2] if bias else None, **kw)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, dout)
+
+    def fused(dout=None):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = fusedtx.window_attention(leaves[0], rel_pos_bias_table=leaves[1], qkv_bias=leaves[2] if bias else None,
+                                       logit_scale=leaves[-1] if cosine else None, **kw)
+        dout = torch.randn_like(out) if dout is None else dout
+        return out, dout, torch.autograd.grad(out, leaves, dout)
+
+    out, dout, grads = fused()
 
     refs = [t.detach().double().requires_grad_() for t in inputs]
+    cosine_scale = refs[-1].clamp(max=math.log(100)).exp().flatten() if cosine else None
     ref = reference.window_attention(refs[0], window, shift if isinstance(shift, tuple) else (shift, shift),
                                      refs[1], heads, refs[2] if bias else None, order=order,
-                                     mask=mask.double() if mask is not None else None)
+                                     mask=mask.double() if mask is not None else None, cosine_scale=cosine_scale)
     ref_grads = torch.autograd.grad(ref, refs, dout.double())
     assert out.dtype == dtype and out.shape == (bsz, h, w, c) and out.is_contiguous()
     tol = dot_tolerance(dtype)
     assert_close(out, ref, dtype, "out", tol=tol)
-    for name, t, g, rg in zip(("dqkv", "dtable", "dqkv_bias"), inputs, grads, ref_grads, strict=False):
+    tols = [tol] * len(names)
+    if cosine:
+        with fusedtx.use_backend("torch"):
+            torch_error = rel_error(fused(dout)[2][-1], ref_grads[-1])
+        tols[-1] = max(LOGIT_SCALE_GRAD_FACTOR * tol, STOCK_FACTOR * torch_error)
+    for name, t, g, rg, bound in zip(names, inputs, grads, ref_grads, tols, strict=True):
         assert g.shape == t.shape and g.dtype == t.dtype, name
-        assert_close(g, rg, dtype, name, tol=tol)
+        assert_close(g, rg, dtype, name, tol=bound)
     return (out, *grads)
 
 
@@ -210,6 +237,25 @@ def test_mask_on_partitioned_windows(dtype):
     mask = torch.where(torch.rand(3, n, n, device=DEVICE) < 0.3, -100.0, 0.0)
     mask[1, 5] = float("-inf")  # a row with every key masked gives zeros, never NaN
     _check(6, 4, 3, (4, 3), 0, 2, 16, "timm", dtype, bias=False, mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_cosine_attention(order, dtype):
+    # Swin V2: padded and shifted windows, the padding's bias rows normalized too.
+    _check(1, 6, 7, (4, 4), (2, 2), 2, 8, order, dtype, cosine=True)
+
+
+def test_cosine_attention_multi_block():
+    # 49-token windows: the interpreter's multi-block paths, the logit scale's partials of several key blocks,
+    # and dQ from its own kernel.
+    _check(1, 9, 11, (7, 7), (3, 3), 1, 32, "torchvision", torch.float32, cosine=True)
+
+
+def test_cosine_attention_masked_windows_without_bias():
+    # Hugging Face's Swin V2: partitioned windows, a (nW, N, N) mask, no key bias.
+    mask = torch.where(torch.rand(3, 12, 12, device=DEVICE) < 0.3, -200.0, 0.0)
+    _check(6, 4, 3, (4, 3), 0, 2, 16, "timm", torch.float32, bias=False, mask=mask, cosine=True)
 
 
 def test_non_contiguous_qkv():
@@ -392,6 +438,61 @@ def test_swin_v2_is_refused():
         fusedtx.nn.WindowAttention.from_module(torch.nn.Linear(2, 2))
 
 
+def _swin_v2_windows(zoo):
+    """A Swin V2 attention module whose caller partitions the windows (timm's WindowAttention, transformers'
+    Swinv2SelfAttention), random weights, windows (4, 3), 2 heads of 8."""
+    if zoo == "timm":
+        from timm.models import swin_transformer_v2 as v2
+
+        return v2.WindowAttention(16, (4, 3), 2, qkv_bias=True)
+    import transformers
+
+    config = transformers.Swinv2Config(qkv_bias=True)
+    return transformers.models.swinv2.modeling_swinv2.Swinv2SelfAttention(config, 16, 2, (4, 3))
+
+
+@pytest.mark.parametrize("zoo", ["timm", "hugging_face"])
+def test_swin_v2_partitioned_windows_one_window_kernel_call(zoo, monkeypatch):
+    # The modules timm's and transformers' layers call on windows they partitioned and shifted: the installed
+    # forward is one window_attention call on those windows with the layer's (nW, N, N) mask, equal to stock
+    # in float64 (output, the input's and every parameter's gradient).
+    import fusedtx.nn.window_attention as fw
+
+    stock = _randomize(_swin_v2_windows(zoo)).to(DEVICE)
+    with torch.no_grad():  # one head below the stock init (log 10), one past the clamp at log 100
+        stock.logit_scale.copy_(torch.tensor([1.5, 5.0]).view(stock.logit_scale.shape))
+    calls, real = [], fusedtx.window_attention
+    monkeypatch.setattr(fw, "window_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fused = fw.install_swin_v2(copy.deepcopy(stock))
+    mask = torch.where(torch.rand(3, 12, 12, device=DEVICE) < 0.3, -100.0, 0.0)
+    x = torch.randn(6, 12, 16, device=DEVICE, requires_grad=True)
+
+    def run(module, x, mask):
+        out = module(x, mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    got = run(fused, x, mask)
+    assert len(calls) == 1 and calls[0]["mask"] is not None and calls[0]["logit_scale"] is not None
+    stock64 = copy.deepcopy(stock).double()
+    x64 = x.detach().double().requires_grad_()
+    ref = run(stock64, x64, mask.double())
+    tol = dot_tolerance(torch.float32)
+    assert_close(got, ref, torch.float32, tol=tol)
+    dout = torch.randn_like(ref)
+
+    def grads(module, x, out, dout):
+        return torch.autograd.grad(out, [x, *module.parameters()], dout)
+
+    got_grads, ref_grads = grads(fused, x, got, dout.float()), grads(stock64, x64, ref, dout)
+    # The CPB MLP's and the logit scale's gradients sum whole windows with cancellation: stock float32 itself
+    # misses the float32 bound on some draws, so they may be off by STOCK_FACTOR times its error.
+    x32 = x.detach().requires_grad_()
+    stock_grads = grads(stock, x32, run(stock, x32, mask), dout.float())
+    names = ["x"] + [n for n, _ in stock64.named_parameters()]
+    for name, g, rg, sg in zip(names, got_grads, ref_grads, stock_grads, strict=True):
+        assert_close(g, rg, torch.float32, name, tol=max(tol, STOCK_FACTOR * rel_error(sg, rg)))
+
+
 def test_attention_dropout_runs_the_reference_with_one_warning():
     _backend._warned.clear()
     m = fusedtx.nn.ShiftedWindowAttention(16, [4, 4], [2, 2], 2, attention_dropout=0.5).to(DEVICE)
@@ -429,10 +530,10 @@ def test_torch_compile_fullgraph():
 def test_custom_op_registration():
     qkv, bias = torch.randn(1, 4, 4, 48, device=DEVICE), torch.randn(48, device=DEVICE)
     table = _table((4, 4), 1)
-    args = (qkv, table, bias, None, [4, 4], [2, 2], 1, 0.25, "timm")
+    args = (qkv, table, bias, None, None, [4, 4], [2, 2], 1, 0.25, "timm")
     torch.library.opcheck(torch.ops.fusedtx.window_attention_fwd, args)
     out, lse = torch.ops.fusedtx.window_attention_fwd(*args)
-    bwd_args = (torch.randn_like(out), qkv, table, bias, None, out, lse, *args[4:], True, True)
+    bwd_args = (torch.randn_like(out), qkv, table, bias, None, None, out, lse, *args[5:], True, True)
     torch.library.opcheck(torch.ops.fusedtx.window_attention_bwd, bwd_args, test_utils=("test_schema",
                                                                                      "test_faketensor"))
 

@@ -9,13 +9,14 @@
 * :class:`WindowAttention`: timm's ``WindowAttention`` for callers that keep the partition themselves:
   (windows, N, dim) in, with timm's optional (nW, N, N) mask, bias and mask fused into the kernel.
 
-* :func:`install_swin_v2`: Swin V2 window attention (timm ``swin_transformer_v2.WindowAttention``,
-  torchvision ``ShiftedWindowAttentionV2``, Hugging Face ``Swinv2SelfAttention``) as an instance
-  ``forward`` on the stock module: cosine attention (q and k L2-normalized, the per-head
-  ``logit_scale`` clamped and exponentiated as stock, folded into q), the continuous position bias
-  from the module's own MLP once per call, gathered, ``16·sigmoid``, plus the shift mask, all through
-  the fused ``attention`` op's bias (with its gradient). Not yet in the fused window kernel: it runs
-  the general attention op over the partitioned windows.
+* :func:`install_swin_v2` and :func:`install_swin_v2_block`: Swin V2 window attention (timm
+  ``swin_transformer_v2.WindowAttention`` and ``SwinTransformerV2Block._attn``, torchvision
+  ``ShiftedWindowAttentionV2``, Hugging Face ``Swinv2SelfAttention``) installed on the stock module, in
+  the fused window kernel: cosine attention (q and k L2-normalized inside the kernel, the per-head
+  ``logit_scale`` clamped and exponentiated as stock), the continuous position bias table from the
+  module's own MLP once per call, ``16·sigmoid``, gathered by the kernel, plus the shift mask. timm's
+  block and torchvision's module run it on the map, shift to reverse; timm's ``WindowAttention`` and
+  Hugging Face's, whose callers partition the windows, on those windows with the caller's mask.
 
 Neither timm nor torchvision is needed. The drop-in classes are Swin V1: ``from_module`` refuses Swin V2
 modules with a message.
@@ -25,19 +26,16 @@ PyTorch path and warns once (see :func:`fusedtx.window_attention`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusedtx import reference
 from fusedtx.nn.attention import InstalledForward, check_like
-from fusedtx.ops.attention import attention
 from fusedtx.ops.window_attention import window_attention, window_pair
 
-_V2 = ("is Swin V2 (cosine attention, continuous position bias), which the fused window attention does not "
-       "compute; leave it as it is")
+_V2 = ("is Swin V2 (cosine attention, continuous position bias), which this Swin V1 drop-in does not compute; "
+       "fusedtx.swap (or fusedtx.nn.window_attention.install_swin_v2) installs the fused V2 path on it")
 
 
 def _window(v) -> tuple[int, int]:
@@ -268,84 +266,50 @@ class SwinBlockAttention(WindowAttention):
         return new
 
 
-_MAX_LOG_SCALE = math.log(1.0 / 0.01)  # Swin V2's clamp of logit_scale
+def _cosine_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: Tensor, cpb: Tensor,
+                             heads: int, window: tuple[int, int], shift: tuple[int, int] = (0, 0), order: str = "timm",
+                             mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Swin V2's (shifted) window cosine attention on the (B, H, W, C) map ``x`` as one window kernel call (shift,
+    pad, partition, attention, reverse) after the qkv Linear (``weight``, ``bias``): q and k L2-normalized in the
+    kernel, the logits scaled by ``exp(min(logit_scale, log 100))``, the continuous position bias table
+    ``16·sigmoid(cpb)`` ((T, H), the CPB MLP's output over the coordinate table) gathered by the kernel as V1's
+    table is, plus ``mask`` (M, N, N) or None for windows partitioned by the caller. Padding tokens hold the qkv
+    bias (the stock modules pad x with zeros before the Linear). Returns the attention output (B, H, W, C),
+    before ``proj``."""
+    return window_attention(F.linear(x, weight, bias), window_size=window, shift_size=shift,
+                            rel_pos_bias_table=16 * torch.sigmoid(cpb.view(-1, heads)), num_heads=heads,
+                            qkv_bias=bias, order=order, mask=mask, dropout_p=dropout_p, logit_scale=logit_scale)
 
 
-def cosine_window_attention(q: Tensor, k: Tensor, v: Tensor, logit_scale: Tensor, position_bias: Tensor,
-                            mask: Tensor | None = None, dropout_p: float = 0.0) -> Tensor:
-    """Swin V2's attention over windows: ``softmax(cos(q, k)·exp(min(logit_scale, log 100)) + bias + mask)·v``.
-
-    q, k, v: (B·nW, H, N, D), windows of one image consecutive; ``logit_scale`` (H, 1, 1); ``position_bias``
-    (H, N, N), already ``16·sigmoid(...)``; ``mask`` (nW, N, N) additive or None, window b taking
-    ``mask[b % nW]``. The scale is folded into the normalized q and the mask into the bias, so it is one
-    :func:`fusedtx.attention` call (scale 1). Returns (B·nW, H, N, D).
-    """
-    wins, h, n, d = q.shape
-    scale = torch.clamp(logit_scale, max=_MAX_LOG_SCALE).exp().reshape(1, h, 1, 1)
-    q, k = F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(k, dim=-1)
-    bias = position_bias.to(q.dtype).unsqueeze(0)
-    if mask is not None:  # heads of all windows of an image side by side: (B, nW·H, N, D), bias (1, nW·H, N, N)
-        nw = mask.shape[0]
-        bias = (bias + mask.to(q.dtype).unsqueeze(1)).reshape(1, nw * h, n, n)
-        q, k, v = (t.reshape(wins // nw, nw * h, n, d) for t in (q, k, v))
-    out = attention(q, k, v, bias=bias, scale=1.0, dropout_p=dropout_p)
-    return out.reshape(wins, h, n, d)
+def _windows(x: Tensor, window: tuple[int, int]) -> Tensor:
+    """Windows partitioned by the caller, (windows, N, C), as one-window maps (windows, wh, ww, C)."""
+    return x.view(x.shape[0], *window, x.shape[2])
 
 
-def _cpb(mlp: nn.Module, coords: Tensor, index: Tensor, heads: int, n: int) -> Tensor:
-    """The continuous position bias: the MLP over the coordinate table once, gathered, (H, N, N), 16·sigmoid."""
-    table = mlp(coords).view(-1, heads)
-    return 16 * torch.sigmoid(table[index.view(-1)].view(n, n, heads).permute(2, 0, 1))
+def _timm_v2_qkv_bias(attn: nn.Module) -> Tensor | None:
+    return None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
 
 
 def _timm_v2_forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """timm ``swin_transformer_v2.WindowAttention.forward`` on windows the caller partitioned: (B·nW, N, C) and its
+    optional (nW, N, N) mask, one window kernel call."""
     b, n, c = x.shape
-    if self.q_bias is None:
-        qkv = self.qkv(x)
-    else:
-        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = self.qkv(x) + qkv_bias if getattr(self, "qkv_bias_separate", False) else \
-            F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-    q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = _cpb(self.cpb_mlp, self.relative_coords_table, self.relative_position_index, self.num_heads, n)
-    out = cosine_window_attention(q, k, v, self.logit_scale, bias, mask, _dropout_p(self))
-    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
-
-
-def _cosine_qkv(qkv: Tensor, scale: Tensor, heads: int) -> Tensor:
-    """``qkv`` (..., 3·C) with q and k L2-normalized per head and q times its head's ``scale`` (H,): what Swin
-    V2's cosine attention computes before q·kᵀ, so that the window kernel's plain softmax(q·kᵀ + bias) with
-    scale 1 is it."""
-    q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(-3)
-    q = F.normalize(q, dim=-1) * scale.to(q.dtype)[:, None]
-    return torch.stack((q, F.normalize(k, dim=-1), v), dim=-3).flatten(-3)
-
-
-def _cosine_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: Tensor, cpb: Tensor,
-                             heads: int, window: tuple[int, int], shift: tuple[int, int], order: str,
-                             dropout_p: float) -> Tensor:
-    """Swin V2's shifted-window cosine attention on the (B, H, W, C) map ``x`` as one window kernel call (shift,
-    pad, partition, attention, reverse): q and k normalized and q scaled by ``exp(min(logit_scale, log 100))``
-    before it, the continuous position bias table ``16·sigmoid(cpb)`` ((T, H), the CPB MLP's output over the
-    coordinate table) gathered by the kernel as V1's table is. Padding tokens hold the transformed qkv bias
-    (the stock modules pad x with zeros before ``qkv``). Returns the attention output (B, H, W, C), before
-    ``proj``."""
-    scale = torch.clamp(logit_scale, max=_MAX_LOG_SCALE).exp().reshape(heads)
-    qkv = _cosine_qkv(F.linear(x, weight, bias), scale, heads)
-    pad = _cosine_qkv(bias if bias is not None else x.new_zeros(qkv.shape[-1]), scale, heads)
-    table = 16 * torch.sigmoid(cpb.view(-1, heads))
-    return window_attention(qkv, window_size=window, shift_size=shift, rel_pos_bias_table=table, num_heads=heads,
-                            qkv_bias=pad, scale=1.0, order=order, dropout_p=dropout_p)
+    window = _window(self.window_size)
+    if n != window[0] * window[1]:  # not windows of its size: as stock (which raises)
+        return type(self).forward(self, x, mask)
+    out = _cosine_window_attention(_windows(x, window), self.qkv.weight, _timm_v2_qkv_bias(self), self.logit_scale,
+                                   self.cpb_mlp(self.relative_coords_table), self.num_heads, window, mask=mask,
+                                   dropout_p=_dropout_p(self))
+    return self.proj_drop(self.proj(out.view(b, n, c)))
 
 
 def _timm_v2_block_attn(block: nn.Module, x: Tensor) -> Tensor:
     """timm ``SwinTransformerV2Block._attn`` (shift, pad, partition, cosine attention, reverse) as one window
     kernel call on the map (:func:`_cosine_window_attention`)."""
     attn = block.attn
-    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    out = _cosine_window_attention(x, attn.qkv.weight, bias, attn.logit_scale, attn.cpb_mlp(attn.relative_coords_table),
-                                   attn.num_heads, _window(block.window_size), _shift(block.shift_size), "timm",
-                                   _dropout_p(attn))
+    out = _cosine_window_attention(x, attn.qkv.weight, _timm_v2_qkv_bias(attn), attn.logit_scale,
+                                   attn.cpb_mlp(attn.relative_coords_table), attn.num_heads, _window(block.window_size),
+                                   _shift(block.shift_size), "timm", dropout_p=_dropout_p(attn))
     return attn.proj_drop(attn.proj(out))
 
 
@@ -361,17 +325,23 @@ def install_swin_v2_block(block: nn.Module) -> nn.Module:
 
 def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,
                    output_attentions: bool | None = False, **kwargs):
-    if output_attentions:  # the probabilities are wanted: the stock forward forms them
+    """transformers ``Swinv2SelfAttention.forward`` on the windows its layer partitioned, (B·nW, N, C), as one
+    window kernel call: the query, key and value Linears as one (key without bias, as stock), and the shift mask
+    (nW, N, N) added twice, as transformers does."""
+    b, n, c = hidden_states.shape
+    window = _window(self.window_size)
+    if output_attentions or n != window[0] * window[1]:  # the probabilities are wanted, or other windows
         return type(self).forward(self, hidden_states, attention_mask, output_attentions, **kwargs)
-    b, n, _ = hidden_states.shape
-    h, d = self.num_attention_heads, self.attention_head_size
-    q, k, v = (lin(hidden_states).view(b, n, h, d).transpose(1, 2) for lin in (self.query, self.key, self.value))
-    bias = _cpb(self.continuous_position_bias_mlp, self.relative_coords_table, self.relative_position_index, h, n)
-    # As transformers' Swinv2SelfAttention, which adds the shift mask twice.
+    weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+    bias = None
+    if self.query.bias is not None:
+        bias = torch.cat((self.query.bias, torch.zeros_like(self.query.bias), self.value.bias))
     mask = 2 * attention_mask if attention_mask is not None else None
-    out = cosine_window_attention(q, k, v, self.logit_scale, bias, mask,
-                                  self.dropout.p if self.training else 0.0)
-    return (out.transpose(1, 2).reshape(b, n, h * d),)
+    out = _cosine_window_attention(_windows(hidden_states, window), weight, bias, self.logit_scale,
+                                   self.continuous_position_bias_mlp(self.relative_coords_table),
+                                   self.num_attention_heads, window, mask=mask,
+                                   dropout_p=self.dropout.p if self.training else 0.0)
+    return (out.view(b, n, c),)
 
 
 def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
@@ -385,7 +355,7 @@ def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
     dropout = self.attention_dropout if self.training else 0.0
     out = _cosine_window_attention(x, self.qkv.weight, bias, self.logit_scale, self.cpb_mlp(self.relative_coords_table),
                                    self.num_heads, _window(self.window_size), _shift(self.shift_size), "torchvision",
-                                   dropout)
+                                   dropout_p=dropout)
     return F.dropout(self.proj(out), p=self.dropout, training=self.training)
 
 

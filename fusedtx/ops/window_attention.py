@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,8 @@ from fusedtx.ops.common import (
     vjp,
 )
 
+_MAX_LOG_SCALE = math.log(100.0)  # Swin V2's clamp of the logit scale (timm, torchvision, transformers)
+
 
 def _window_unsupported(qkv: Tensor, num_heads: int, window_size: list[int], *maps: Tensor) -> str | None:
     """Why the window kernels do not cover a call on ``qkv`` (and, for the backward, the other (B, H, W, ·)
@@ -57,25 +61,26 @@ def _windows_of(qkv: Tensor, window_size: list[int]) -> int:
 
 @torch.library.custom_op("fusedtx::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(
-    qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, window_size: list[int],
-    shift_size: list[int], num_heads: int, scale: float, order: str,
+    qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, cosine_scale: Tensor | None,
+    window_size: list[int], shift_size: list[int], num_heads: int, scale: float, order: str,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, W, C) contiguous, fp32 lse (B·windows, heads, N)); shift_size is the effective shift."""
     backend = _backend.select("window_attention", qkv.device, _window_unsupported(qkv, num_heads, window_size))
     if backend == "triton":
         try:
             return kernels("window_attention").window_attention_fwd(
-                qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order
+                qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order, cosine_scale
             )
         except _backend.out_of_resources() as err:
             backend = _backend.no_config_fits("window_attention", err)
     out, lse = implementation(backend).window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias,
-                                                        scale, order, mask, return_lse=True)
+                                                        scale, order, mask, return_lse=True,
+                                                        cosine_scale=cosine_scale)
     return out.contiguous(), lse.float().contiguous()
 
 
 @_window_attention_fwd.register_fake
-def _(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order):
+def _(qkv, table, qkv_bias, mask, cosine_scale, window_size, shift_size, num_heads, scale, order):
     bsz, h, w, c3 = qkv.shape
     lse = qkv.new_empty((_windows_of(qkv, window_size), num_heads, window_size[0] * window_size[1]),
                         dtype=torch.float32)
@@ -84,55 +89,61 @@ def _(qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, ord
 
 @torch.library.custom_op("fusedtx::window_attention_bwd", mutates_args=())
 def _window_attention_bwd(
-    dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None, out: Tensor,
-    lse: Tensor, window_size: list[int], shift_size: list[int], num_heads: int, scale: float, order: str,
-    table_grad: bool, bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dqkv contiguous, d(table) or an empty tensor, d(qkv_bias) or an empty tensor)."""
+    dout: Tensor, qkv: Tensor, table: Tensor, qkv_bias: Tensor | None, mask: Tensor | None,
+    cosine_scale: Tensor | None, out: Tensor, lse: Tensor, window_size: list[int], shift_size: list[int],
+    num_heads: int, scale: float, order: str, table_grad: bool, bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dqkv contiguous, d(table), d(qkv_bias) and d(cosine_scale), each an empty tensor when not asked for or
+    without that input)."""
     reason = _window_unsupported(qkv, num_heads, window_size, dout, out)
     backend = _backend.select("window_attention", qkv.device, reason)
     if backend == "triton":
         try:
-            dqkv, dtable, dbias = kernels("window_attention").window_attention_bwd(
+            dqkv, dtable, dbias, dscale = kernels("window_attention").window_attention_bwd(
                 dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
-                table_grad, bias_grad,
+                table_grad, bias_grad, cosine_scale,
             )
-            return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv)
+            return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv), or_empty(dscale, qkv)
         except _backend.out_of_resources() as err:
             backend = _backend.no_config_fits("window_attention", err)
     impl = implementation(backend)
 
-    def forward(qkv, table, b):
-        return impl.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask)
+    def forward(qkv, table, b, cosine_scale):
+        return impl.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask,
+                                     cosine_scale=cosine_scale)
 
-    grads = vjp(forward, (qkv, table, qkv_bias), (True, table_grad, bias_grad), dout)
-    dqkv, dtable, dbias = (g.contiguous() if g is not None else None for g in grads)
-    return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv)
+    grads = vjp(forward, (qkv, table, qkv_bias, cosine_scale), (True, table_grad, bias_grad, cosine_scale is not None),
+                dout)
+    dqkv, dtable, dbias, dscale = (g.contiguous() if g is not None else None for g in grads)
+    return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv), or_empty(dscale, qkv)
 
 
 @_window_attention_bwd.register_fake
-def _(dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
+def _(dout, qkv, table, qkv_bias, mask, cosine_scale, out, lse, window_size, shift_size, num_heads, scale, order,
       table_grad, bias_grad):
     dtable = table.new_empty(table.shape) if table_grad else qkv.new_empty(0)
     dbias = qkv_bias.new_empty(qkv_bias.shape) if bias_grad else qkv.new_empty(0)
-    return qkv.new_empty(qkv.shape), dtable, dbias
+    dscale = cosine_scale.new_empty(cosine_scale.shape) if cosine_scale is not None else qkv.new_empty(0)
+    return qkv.new_empty(qkv.shape), dtable, dbias, dscale
 
 
 def _window_attention_setup(ctx, inputs, output):
-    qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order = inputs
+    qkv, table, qkv_bias, mask, cosine_scale, window_size, shift_size, num_heads, scale, order = inputs
     out, lse = output
     ctx.args = (window_size, shift_size, num_heads, scale, order)
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, table, qkv_bias, mask, out, lse)
+    ctx.save_for_backward(qkv, table, qkv_bias, mask, cosine_scale, out, lse)
 
 
 def _window_attention_backward(ctx, dout, _dlse):
-    qkv, table, qkv_bias, mask, out, lse = ctx.saved_tensors
+    qkv, table, qkv_bias, mask, cosine_scale, out, lse = ctx.saved_tensors
     table_grad = ctx.needs_input_grad[1]
     bias_grad = qkv_bias is not None and ctx.needs_input_grad[2]
-    dqkv, dtable, dbias = _window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, *ctx.args,
-                                                table_grad, bias_grad)
-    return (dqkv, dtable if table_grad else None, dbias if bias_grad else None, *[None] * 6)
+    dqkv, dtable, dbias, dscale = _window_attention_bwd(dout, qkv, table, qkv_bias, mask, cosine_scale, out, lse,
+                                                        *ctx.args, table_grad, bias_grad)
+    scale_grad = cosine_scale is not None and ctx.needs_input_grad[4]
+    return (dqkv, dtable if table_grad else None, dbias if bias_grad else None, None,
+            dscale if scale_grad else None, *[None] * 5)
 
 
 _window_attention_fwd.register_autograd(_window_attention_backward, setup_context=_window_attention_setup)
@@ -160,6 +171,7 @@ def window_attention(
     order: str = "timm",
     mask: Tensor | None = None,
     dropout_p: float = 0.0,
+    logit_scale: Tensor | None = None,
 ) -> Tensor:
     """Swin (shifted) window attention from the qkv projection of a map to the input of proj, in one kernel.
 
@@ -195,6 +207,12 @@ def window_attention(
         dropout_p: dropout on the attention probabilities (pass it only in training). The kernels do not
             apply it: a call with ``dropout_p > 0`` takes the PyTorch path with a one-time warning (an
             error under ``fusedtx.use_backend("triton")``).
+        logit_scale: Swin V2's cosine attention when given: a tensor of num_heads elements (timm's and
+            torchvision's (heads, 1, 1), Hugging Face's (1, heads, 1, 1)), any float dtype, receiving a
+            gradient. q and k are L2-normalized inside the kernel (``F.normalize``'s eps, padded tokens'
+            bias rows too) and head h's logits are ``q̂·k̂·exp(min(logit_scale[h], log 100))``, the clamp
+            and exp of the stock modules (in float32); ``scale`` must then be None. ``rel_pos_bias_table`` is V2's
+            ``16·sigmoid(cpb_mlp(coords))`` table.
 
     Returns:
         (B, H, W, C) in qkv's dtype, contiguous: the attention output at every map position, ready for
@@ -223,6 +241,15 @@ def window_attention(
             raise ValueError(f"mask must have shape (M, N, N) with N = {wh * ww}, got {tuple(mask.shape)}")
         if mask.requires_grad and torch.is_grad_enabled():
             raise ValueError("mask must not require grad: it receives no gradient")
+    cosine_scale = None
+    if logit_scale is not None:
+        check_tensor("logit_scale", logit_scale, like=("qkv", qkv))
+        if logit_scale.numel() != num_heads:
+            raise ValueError(f"logit_scale must have num_heads = {num_heads} elements, got shape "
+                             f"{tuple(logit_scale.shape)}")
+        if scale is not None:
+            raise ValueError("scale must be None with logit_scale (cosine attention scales by the logit scale)")
+        cosine_scale, scale = torch.clamp(logit_scale.reshape(num_heads).float(), max=_MAX_LOG_SCALE).exp(), 1.0
     scale = (qkv.shape[3] // (3 * num_heads)) ** -0.5 if scale is None else float(scale)
     if not abs(scale) < float("inf"):
         raise ValueError(f"scale must be a finite number, got {scale}")
@@ -231,7 +258,7 @@ def window_attention(
                     DROPOUT if check_probability("dropout_p", dropout_p) > 0 else None)
     if impl is not None:
         return impl.window_attention(qkv, (wh, ww), shift, rel_pos_bias_table, num_heads, qkv_bias, scale,
-                                          order, mask, dropout_p)
-    out, _ = call(_window_attention_fwd, qkv, rel_pos_bias_table, qkv_bias, mask, [wh, ww], list(shift), num_heads,
-                                   scale, order)
+                                     order, mask, dropout_p, cosine_scale=cosine_scale)
+    out, _ = call(_window_attention_fwd, qkv, rel_pos_bias_table, qkv_bias, mask, cosine_scale, [wh, ww], list(shift),
+                  num_heads, scale, order)
     return out
