@@ -280,12 +280,59 @@ def _window_attention_configs(family: str, shared: int):
         yield Case(f"table grad window {ws} [w4]", fn, sig, consts, 4)
 
 
+def _highres_configs(family: str, shared: int):
+    del family  # the same configs on every architecture
+    from fusedtx.kernels import highres as k
+
+    def case(label, fn, ptrs, consts, warps, stages=None, alternatives=()):
+        sig = {n: "i32" for n in fn.arg_names}
+        sig.update(ptrs)
+        sig.update({c: "constexpr" for c in consts})
+        config = "x".join(str(v) for n, v in consts.items() if n.startswith("BLOCK"))
+        tail = f" s{stages}" if stages else ""
+        return Case(f"{label} [{config} w{warps}{tail}]", fn, sig, consts, warps, stages or 3, tuple(alternatives))
+
+    for dtype in ("bf16", "fp32"):
+        for p in (8, 14, 16, 32):  # patch sizes
+            for method, code in k.METHODS.items():
+                block_p, warps = k.configs("scores", p)
+                yield case(f"scores {dtype} {method} patch {p}", k._patch_scores_kernel,
+                           dict(X=f"*{dtype}", OUT="*fp32", inv_pixels="fp32", inv_pairs="fp32"),
+                           dict(P=p, BLOCK_P=block_p, METHOD=code, stride_w=1), warps)
+        for c in (384, 768, 1280):  # ViT-S, -B, -H widths
+            block_r, block_c, warps = k.configs("gather", c)
+            ptrs = {n: f"*{dtype}" for n in ("TOK", "POS", "PRE", "OUT")}
+            yield case(f"gather {dtype} C={c}", k._gather_kernel, {**ptrs, "IDX": "*i64"},
+                       dict(HAS_POS=True, HAS_PRE=True, BLOCK_R=block_r, BLOCK_C=block_c, stride_tc=1, stride_pc=1,
+                            stride_qc=1), warps)
+            _, block_c, warps = k.configs("merge", c)
+            ptrs = {n: f"*{dtype}" for n in ("XB", "XS", "OUT")}
+            ptrs.update({n: "*fp32" for n in ("SB", "SS", "OUT_S")}, ORDER="*i32", OFFSETS="*i32")
+            yield case(f"merge {dtype} C={c}", k._merge_kernel, ptrs,
+                       dict(BLOCK_C=block_c, stride_xbc=1, stride_xsc=1), warps)
+        # ToMe's metric: keys averaged over heads (64), and wider metrics; float32 in both dot precisions
+        for d in (64, 128, 256):
+            for precision in ("tf32", "ieee") if dtype == "fp32" else ("tf32",):
+                label = f"match {dtype}{' ' + precision if dtype == 'fp32' else ''} D={d}"
+                ptrs = dict(A=f"*{dtype}", B=f"*{dtype}", SCORE="*fp32", INDEX="*i64", eps="fp32")
+
+                def match(bm, bn, bd, warps, stages, alternatives=(), label=label, ptrs=ptrs, precision=precision):
+                    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, stride_ad=1, stride_bd=1)
+                    return case(label, k._match_kernel, ptrs, consts, warps, stages, alternatives)
+
+                bm, bn, bd, warps, stages = k.configs("match", d)
+                tries = [(bm, bn // 2, bd, warps, stages), (bm // 2, bn, bd, warps, stages), (bm, bn, bd, 8, stages),
+                         (bm, bn, bd, warps, 1), (bm // 2, bn // 2, bd, warps, stages)]
+                yield match(bm, bn, bd, warps, stages, [match(*t)[:6] for t in tries if min(t[:2]) >= 16])
+
+
 # family -> generator of the cases the launchers pick for an architecture family and a shared-memory limit
 CONFIGS = {
     "layer_norm_gelu": _layer_norm_gelu_configs,
     "attention": _attention_configs,
     "sinusoidal": _sinusoidal_configs,
     "window_attention": _window_attention_configs,
+    "highres": _highres_configs,
 }
 
 

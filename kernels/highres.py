@@ -29,6 +29,26 @@ def _pow2(n: int, low: int = 1) -> int:
     return max(low, triton.next_power_of_2(max(int(n), 1)))
 
 
+def configs(kind: str, size: int) -> tuple[int, ...]:
+    """The launch config of kernel ``kind`` at ``size``, the same on every architecture (the resource check,
+    ``python -m fusedtx.bench.resources highres``, compiles them for each target):
+
+    * ``"scores"``, size = patch size: (BLOCK_P, num_warps);
+    * ``"gather"`` and ``"merge"``, size = channels: (BLOCK_R rows (1 for merge), BLOCK_C, num_warps); the
+      interpreter takes whole rows of up to 4096 channels (fewer, larger programs run faster there);
+    * ``"match"``, size = the metric's dim: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages).
+    """
+    if kind == "scores":
+        return _pow2(size), 4 if size >= 16 else 1
+    if kind in ("gather", "merge"):
+        widest = 4096 if interpreter_enabled() else (256 if kind == "gather" else 1024)
+        return (16 if kind == "gather" else 1), min(_pow2(size, 16), widest), 4
+    if kind == "match":  # 64x64 tiles up to 64 dims; past that narrower B blocks (64x64 at 128 dims spills)
+        block_d = _pow2(size, 16)
+        return (64 if block_d <= 128 else 32), (64 if block_d <= 64 else 32), block_d, 4, 2
+    raise ValueError(f"kind must be scores, gather, merge or match, got {kind!r}")
+
+
 # --------------------------------------------------------------------------------------------------
 # patch_scores
 # --------------------------------------------------------------------------------------------------
@@ -72,9 +92,10 @@ def patch_scores(images: torch.Tensor, patch_size: int, method: str) -> torch.Te
     if out.numel() == 0:
         return out
     sb, sc, sh, sw = images.stride()
+    block_p, warps = configs("scores", p)
     _patch_scores_kernel[(b * gh * gw,)](
         images, out, c, gw, gh * gw, sb, sc, sh, sw, 1.0 / (p * p), 1.0 / max(p * (p - 1), 1),
-        P=p, BLOCK_P=_pow2(p), METHOD=METHODS[method], num_warps=4 if p >= 16 else 1,
+        P=p, BLOCK_P=block_p, METHOD=METHODS[method], num_warps=warps,
     )
     return out
 
@@ -124,12 +145,11 @@ def gather_tokens(tokens, index, pos, prefix):
     pos_strides = (0, pos.stride(1), pos.stride(2)) if pos is not None and pos.shape[0] == 1 else (
         pos.stride() if pos is not None else (0, 0, 0))
     pre_strides = prefix.stride() if prefix is not None else (0, 0, 0)
-    block_c = min(_pow2(c, 16), 4096 if interpreter_enabled() else 256)
-    block_r = 16
+    block_r, block_c, warps = configs("gather", c)
     _gather_kernel[(bsz, triton.cdiv(np_ + k, block_r))](
         tokens, index, pos if pos is not None else tokens, prefix if prefix is not None else tokens, out,
         np_, k, c, *tokens.stride(), *index.stride(), *pos_strides, *pre_strides,
-        HAS_POS=pos is not None, HAS_PRE=prefix is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        HAS_POS=pos is not None, HAS_PRE=prefix is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return out
 
@@ -176,13 +196,11 @@ def match_tokens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     index = torch.empty((bsz, na), device=a.device, dtype=torch.int64)
     if score.numel() == 0:
         return score, index
-    block_d = _pow2(d, 16)
-    block_m = 64 if block_d <= 128 else 32
-    block_n = 64 if block_d <= 128 else 32
+    block_m, block_n, block_d, warps, stages = configs("match", d)
     _match_kernel[(bsz, triton.cdiv(na, block_m))](
         a, b, score, index, na, nb, d, *a.stride(), *b.stride(), 1e-12,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(a.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )
     return score, index
 
@@ -233,9 +251,9 @@ def merge_weighted(xb, sb, xs, ss, dst):
     counts = torch.zeros((bsz, nb + 1), device=xb.device, dtype=torch.int32)
     counts[:, 1:].scatter_add_(1, dst, torch.ones_like(dst, dtype=torch.int32))
     offsets = counts.cumsum(dim=1, dtype=torch.int32).contiguous()
-    block_c = min(_pow2(c, 16), 4096 if interpreter_enabled() else 1024)
+    _, block_c, warps = configs("merge", c)
     _merge_kernel[(bsz, nb)](
         xb, sb, xs, ss, order, offsets, out, out_s, nb, r, c, *xb.stride(), *sb.stride(), *xs.stride(), *ss.stride(),
-        BLOCK_C=block_c, num_warps=4,
+        BLOCK_C=block_c, num_warps=warps,
     )
     return out, out_s
