@@ -509,6 +509,7 @@ _OVERRIDES["ampere"][("dq", 64, 32, True)] = (64, 64, 8, 3)
 _OVERRIDES["blackwell_consumer"] = dict(_OVERRIDES["ampere"])
 _OVERRIDES["blackwell_consumer"][("bwd", 64, 64, True)] = (64, 16, 8, 1)
 _OVERRIDES["blackwell_consumer"][("dq", 64, 64, False)] = (64, 32, 8, 1)
+_OVERRIDES["blackwell_consumer"][("dq", 256, 32, False)] = (64, 32, 4, 2)  # the cosine variant spills at 8 warps
 
 
 def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = torch.float16,

@@ -191,7 +191,7 @@ def test_resource_tables_match_the_launchers_and_the_largest_configs_fit():
     archs = ["80", "86", "89", "90a", "100a", "120"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     command = [sys.executable, "-m", "fusedtx.bench.resources", "--arch", ",".join(archs), "--sample", "3",
-               "--tables", str(TABLES), "attention", "window_attention"]
+               "--tables", str(TABLES), "attention", "window_attention", "highres"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fit" in result.stdout
