@@ -195,10 +195,12 @@ GPU_CASES = [
 
 
 def _matrix():
-    """(case, dtype, order): on the CPU every combination; on CUDA every case in bfloat16 with timm's
+    """(case, dtype, order): on the CPU every combination, but the 49-token case (the interpreter's slowest) only
+    in float32 with timm's order and float16 with torchvision's; on CUDA every case in bfloat16 with timm's
     order, and a spread of the others (each combination compiles its own kernels)."""
     if not ON_CUDA:
-        return [(c, d, o) for c in CPU_CASES for d in DTYPES for o in ORDERS]
+        return [(c, d, o) for c in CPU_CASES for d in DTYPES for o in ORDERS
+                if c[3] != (7, 7) or (d, o) in ((torch.float32, "timm"), (torch.float16, "torchvision"))]
     spread = [(GPU_CASES[i], d, o) for i, d, o in [
         (0, torch.bfloat16, "torchvision"), (1, torch.bfloat16, "torchvision"), (5, torch.bfloat16, "torchvision"),
         (0, torch.float16, "timm"), (4, torch.float16, "torchvision"), (7, torch.float16, "timm"),
@@ -584,6 +586,12 @@ def test_bad_arguments_are_named():
         fusedtx.window_attention(qkv, scale=float("nan"), **kw)
     with pytest.raises(ValueError, match="rel_pos_bias_table is on meta"):
         fusedtx.window_attention(qkv, **{**kw, "rel_pos_bias_table": table.to("meta")})
+    with pytest.raises(ValueError, match="logit_scale must have num_heads = 2"):
+        fusedtx.window_attention(qkv, logit_scale=torch.zeros(3, 1, 1, device=DEVICE), **kw)
+    with pytest.raises(ValueError, match="scale must be None with logit_scale"):
+        fusedtx.window_attention(qkv, logit_scale=torch.zeros(2, 1, 1, device=DEVICE), scale=0.5, **kw)
+    with pytest.raises(TypeError, match="logit_scale"):
+        fusedtx.window_attention(qkv, logit_scale=[1.0, 2.0], **kw)
     with pytest.raises(ValueError, match="x must be"):
         fusedtx.nn.WindowAttention(16, 2, window_size=4).to(DEVICE)(torch.randn(2, 15, 16, device=DEVICE))
 
