@@ -70,6 +70,12 @@ for model in vit_base_patch16_224 swin_tiny_patch4_window7_224; do
       --batch "$batch" --dtype bfloat16 --steps 10 --out "$OUT/profile_${model}_b$batch"
   done
 done
+# The zoo of fusedtx.swap at the same size: BEiT-B (its relative position bias in the fused bias path) and Swin V2-T
+# (cosine attention in the window kernel), bf16, batch 1.
+for model in beit_base_patch16_224 swinv2_tiny_window8_256; do
+  step "profile_${model}_b1" 40 python3 -m fusedtx profile --model "$model" --img-size 1024 --batch 1 \
+    --dtype bfloat16 --steps 10 --out "$OUT/profile_${model}_b1"
+done
 # The high-resolution strategies side by side (fusedtx profile --strategy all) at 1024 px, bf16.
 step strategies 60 python3 -m fusedtx profile --strategy all --img-size 1024 --batch 1 --dtype bfloat16 --steps 5 \
   --out "$OUT/strategies"
