@@ -593,7 +593,8 @@ def _common_args(qkv, table, qkv_bias, mask, cosine_scale, window_size, shift_si
     geometry = (h, w, n_wy, n_wx, sh, sw, num_heads, n_mask)
     tail = (*table.stride(), fill_stride, *mask_strides)
     consts = dict(WH=wh, WW=ww, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), SHIFTED=bool(sh or sw),
-                  TORCHVISION=order == "torchvision", HAS_FILL=qkv_bias is not None,
+                  TORCHVISION=order == "torchvision",
+                  HAS_FILL=qkv_bias is not None and bool(h % wh or w % ww),  # only padding tokens hold the bias
                   HAS_MASK=mask is not None, COSINE=cosine_scale is not None,
                   PRECISION=dot_precision(qkv.dtype))
     return ptrs, geometry, tail, consts, bsz * n_wy * n_wx
@@ -641,6 +642,7 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
     ptrs, geometry, tail, consts, windows = _common_args(qkv, table, qkv_bias, mask, cosine_scale, window_size,
                                                          shift_size, num_heads, order)
     bias_grad = bias_grad and qkv_bias is not None
+    fill_grad = bias_grad and consts["HAS_FILL"]  # without padding the bias gets no gradient here: zeros
     dscale = torch.zeros_like(cosine_scale) if cosine_scale is not None else None
     if windows == 0:
         dtable = torch.zeros_like(table) if table_grad else None
@@ -654,14 +656,14 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         groups, per_group = _groups(qkv.device, windows, num_heads * n_kblocks)
         dbias = torch.empty((groups, num_heads, tokens, tokens) if table_grad else (1,), dtype=torch.float32,
                             device=qkv.device)
-        dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if bias_grad else (1,),
+        dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if fill_grad else (1,),
                             dtype=torch.float32, device=qkv.device)
         dscales = torch.empty((groups, num_heads, n_kblocks) if dscale is not None else (1,), dtype=torch.float32,
                               device=qkv.device)
         _window_attn_bwd_kernel[(groups * num_heads * n_kblocks,)](
             qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, dscales, *geometry, windows, per_group, scale * LOG2E,
             scale, *strides, *tail, BLOCK_N=block_n, BLOCK_Q=bq, FUSE_DQ=n_kblocks == 1, TABLE_GRAD=table_grad,
-            FILL_GRAD=bias_grad, STAGES=stages, num_warps=warps, num_stages=stages, **consts,
+            FILL_GRAD=fill_grad, STAGES=stages, num_warps=warps, num_stages=stages, **consts,
         )
         return bq, n_kblocks, dbias, dfill, dscales
 
@@ -685,8 +687,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
             dbias.sum(0), dtable, num_heads, *dtable.stride(), WH=window_size[0], WW=window_size[1],
             BLOCK_Q=bq,
         )
-    dqkv_bias = None
-    if bias_grad:  # (heads, 2, head_dim) -> [0 for q | dk of padding | dv of padding]
+    dqkv_bias = torch.zeros_like(qkv_bias) if bias_grad else None
+    if fill_grad:  # (heads, 2, head_dim) -> [0 for q | dk of padding | dv of padding]
         kv = dfill.sum((0, 2)).transpose(0, 1).reshape(2 * num_heads * head_dim)
         dqkv_bias = torch.cat([torch.zeros_like(kv[: c3 // 3]), kv]).to(qkv_bias.dtype)
     if dscale is not None:
