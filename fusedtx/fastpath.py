@@ -222,6 +222,20 @@ def window_geometry(h: int, w: int, window_size: tuple[int, int], shift_size: tu
     return None if identity else gather, pad.nonzero().squeeze(1), scatter, shift, rel_index
 
 
+def _cosine_qkv(rows: torch.Tensor, cosine_scale: torch.Tensor, in_place: bool):
+    """Swin V2's cosine attention as plain attention (:func:`fusedtx.reference.cosine_qk`, with scale 1) on the
+    qkv rows (windows, N, 3, heads, head_dim): q and k L2-normalized, q times ``cosine_scale[h]``, by one norm and
+    one product over both, in ``rows`` itself when ``in_place`` (a tensor this module made) and autograd is not
+    recording. Returns q, k, v (windows, heads, N, head_dim)."""
+    qk = rows[:, :, :2]
+    scales = torch.stack((cosine_scale, torch.ones_like(cosine_scale))).float()  # (2, heads): q's, k's
+    # In float32: in half precision the 1e-12 floor is 0, and a zero row (padding without a qkv bias) gave NaN.
+    factor = qk.norm(dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12).reciprocal() * scales[:, :, None]
+    qk = qk.mul_(factor) if in_place and not torch.is_grad_enabled() else (qk * factor).to(rows.dtype)
+    q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, rows[:, :, 2].transpose(1, 2)
+
+
 def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads, qkv_bias=None, scale=None,
                      order="timm", mask=None, dropout_p=0.0, return_lse=False, cosine_scale=None):
     """:func:`fusedtx.reference.window_attention` as one gather, SDPA over every window, one gather back."""
@@ -232,24 +246,28 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
     shift_size = reference.effective_shift((h, w), window_size, shift_size, order)
     gather, padding, scatter, shift, rel_index = window_geometry(h, w, window_size, shift_size, order, qkv.device)
     windows = scatter.shape[0] // n if gather is None else gather.numel() // n
-    x = qkv.reshape(bsz, h * w, c3)
+    x = qkv_rows = qkv.reshape(bsz, h * w, c3)
     if gather is not None:
         x = x.index_select(1, gather)
     if padding.numel():
         # The stock modules pad before the qkv Linear: padded tokens hold its bias (zeros without one).
         fill = qkv_bias.to(qkv.dtype) if qkv_bias is not None else qkv.new_zeros(c3)
         x = x.index_copy(1, padding, fill.expand(bsz, padding.numel(), c3))
-    q, k, v = x.view(bsz * windows, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    if cosine_scale is not None:
-        q, k, scale = reference.cosine_qk(q, k, cosine_scale)
+    rows = x.view(bsz * windows, n, 3, num_heads, head_dim)
+    if cosine_scale is None:
+        q, k, v = rows.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        (q, k, v), scale = _cosine_qkv(rows, cosine_scale, in_place=x is not qkv_rows), 1.0
     ct = reference.compute_dtype(qkv.dtype)
-    bias = rel_pos_bias_table.to(ct)[rel_index].view(n, n, num_heads).permute(2, 0, 1)[None]  # 1, heads, N, N
+    # (1, heads, N, N), contiguous: the sum with the shift mask then is too, which SDPA's CPU kernel wants (it
+    # copied the permuted sum, window by window, at every call).
+    bias = rel_pos_bias_table.to(ct)[rel_index].view(n, n, num_heads).permute(2, 0, 1).contiguous()[None]
     if shift is not None:
         bias = bias + shift.to(ct)
     if mask is not None:
         g = torch.arange(bsz * windows, device=qkv.device) % mask.shape[0]
-        bias = (bias.expand(bsz, windows, -1, -1, -1).reshape(bsz * windows, num_heads, n, n)
-                + mask.to(ct)[g][:, None])
+        bias = (bias.expand(bsz, windows, -1, -1, -1) + mask.to(ct)[g].view(bsz, windows, 1, n, n)).view(
+            bsz * windows, num_heads, n, n)  # one sum, no copy of the expanded bias
     if bias.shape[0] not in (1, bsz * windows):  # (windows, heads, N, N): the same for every image
         bias = bias.expand(bsz, -1, -1, -1, -1).reshape(bsz * windows, num_heads, n, n)
     result = attention(q, k, v, bias.to(qkv.dtype), scale=scale, dropout_p=dropout_p, return_lse=return_lse)

@@ -2,6 +2,8 @@
 reference on fresh random inputs at odd sizes, with masks, fully masked rows and gradients, through the
 public ops (so the custom ops' dispatch, outputs layout and backward are what is tested)."""
 
+import math
+
 import pytest
 import torch
 
@@ -135,6 +137,34 @@ def test_window_attention(dtype, order, size, window, shift):
     for name, got, want in zip(("dqkv", "dtable", "dqkv_bias"), _grads(out, (qkv, table, qkv_bias), g),
                                _grads(ref, tuple(leaves64), g), strict=True):
         assert_close(got, want, dtype, name, tol=4 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size,window,shift,windows", [((13, 17), 7, 3, 0), ((4, 4), 4, 0, 3)])
+def test_cosine_window_attention(dtype, size, window, shift, windows):
+    """Swin V2 (``logit_scale``), on a map and on caller-partitioned windows with a mask: with autograd, and
+    without it (where q and k are normalized in the rows the op gathered), the input left as it was."""
+    heads, head_dim, bsz = 2, 16, 2 * max(windows, 1)
+    qkv = torch.randn(bsz, *size, 3 * heads * head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    table = torch.randn((2 * window - 1) ** 2, heads, device=DEVICE, dtype=dtype, requires_grad=True)
+    logit_scale = torch.tensor([1.5, 5.0], device=DEVICE).view(heads, 1, 1).requires_grad_()  # 5 > log 100
+    mask = torch.randn(windows, window**2, window**2, device=DEVICE) if windows else None
+    kw = dict(window_size=window, shift_size=shift, num_heads=heads, mask=mask)
+    out = fusedtx.window_attention(qkv, rel_pos_bias_table=table, logit_scale=logit_scale, **kw)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (qkv, table, logit_scale)]
+    ref = reference.window_attention(leaves64[0], (window, window), (shift, shift), leaves64[1], heads,
+                                     mask=None if mask is None else mask.double(),
+                                     cosine_scale=leaves64[2].clamp(max=math.log(100)).exp().flatten())
+    assert_close(out, ref, dtype, "out", tol=TOL[dtype])
+    g = torch.randn_like(ref)
+    for name, got, want in zip(("dqkv", "dtable", "dlogit_scale"), _grads(out, (qkv, table, logit_scale), g),
+                               _grads(ref, tuple(leaves64), g), strict=True):
+        assert_close(got, want, dtype, name, tol=8 * TOL[dtype])
+    before = qkv.detach().clone()
+    with torch.inference_mode():
+        assert torch.equal(fusedtx.window_attention(qkv.detach(), rel_pos_bias_table=table.detach(),
+                                                    logit_scale=logit_scale.detach(), **kw), out.detach())
+    assert torch.equal(qkv.detach(), before)
 
 
 def test_window_attention_with_a_mask_and_fully_masked_rows():
