@@ -1,4 +1,5 @@
-"""fusedtx on a CPU against what a user runs there instead: every op and two models at the mission's size.
+"""fusedtx on a CPU against what a user runs there instead: every op, ViT-B and Swin-T at the mission's size,
+and Swin V2-T (timm and Hugging Face) at 512 px.
 
     fusedtx bench cpu [--quick] [--out DIR]
     python -m fusedtx.bench.bench_cpu [--quick] [--out DIR]
@@ -90,16 +91,25 @@ def swin_block_case(quick: bool) -> dict[str, Callable[[], object]]:
     return _model_case(block, torch.randn(1, size, size, dim))
 
 
-def _timm_case(name: str, quick: bool) -> dict[str, Callable[[], object]]:
+def _timm_case(name: str, quick: bool, size: int = 1024) -> dict[str, Callable[[], object]]:
     import timm
 
     if quick:
-        name = {"vit_base_patch16_224": "vit_tiny_patch16_224",
-                "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224"}[name]
-    size = 64 if quick else 1024
+        name = {"vit_base_patch16_224": "vit_tiny_patch16_224"}.get(name, name)
+    size = 64 if quick else size
     kwargs = {"depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1)} if quick and "swin" in name else {}
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, img_size=size, **kwargs)
+    return _model_case(model, torch.randn(1, 3, size, size))
+
+
+def _hf_swin_v2_case(quick: bool) -> dict[str, Callable[[], object]]:
+    from transformers import Swinv2Config, Swinv2Model
+
+    size = 64 if quick else 512
+    kwargs = {"depths": [1, 1, 1, 1], "embed_dim": 24, "num_heads": [1, 1, 1, 1]} if quick else {}
+    torch.manual_seed(0)
+    model = Swinv2Model(Swinv2Config(image_size=size, window_size=8, **kwargs))
     return _model_case(model, torch.randn(1, 3, size, size))
 
 
@@ -112,6 +122,8 @@ CASES: dict[str, Callable[[bool], dict[str, Callable[[], object]]]] = {
     "timm SwinTransformerBlock 256x256x96, window 7, shift 3": swin_block_case,
     "timm ViT-B/16 at 1024 px (4096 patches), batch 1": lambda quick: _timm_case("vit_base_patch16_224", quick),
     "timm Swin-T at 1024 px, batch 1": lambda quick: _timm_case("swin_tiny_patch4_window7_224", quick),
+    "timm Swin V2-T (window 8) at 512 px, batch 1": lambda quick: _timm_case("swinv2_tiny_window8_256", quick, 512),
+    "Hugging Face Swinv2Model (tiny, window 8) at 512 px, batch 1": _hf_swin_v2_case,
 }
 
 
