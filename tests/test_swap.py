@@ -321,14 +321,16 @@ def test_timm_vit_next_norm1_runs_in_the_residual_add():
     assert not any(k.startswith("_fusedtx") for b in model.blocks for k in b.__dict__)
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu", "timm_gelu", "timm_gelu_tanh"])
 def test_timm_mlp_activation_in_place(act):
     """In inference the swapped timm Mlp applies its activation in place on fc1's output: the float64 stock
     numbers. A forward hook on fc1 keeps that output, so with one the stock path runs and the kept tensor is
     untouched; an activation without an in-place variant is left alone and listed."""
     from timm.layers import Mlp
+    from timm.layers.activations import GELU, GELUTanh
 
-    layers = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+    layers = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,
+              "timm_gelu": GELU, "timm_gelu_tanh": GELUTanh}  # timm's own: what Swin V2's act_layer="gelu" makes
     mlp = Mlp(24, 61, act_layer=layers[act]).to(DEVICE).eval()
     stock64 = copy.deepcopy(mlp).double()
     x = torch.randn(3, 7, 24, device=DEVICE)
@@ -343,4 +345,4 @@ def test_timm_mlp_activation_in_place(act):
         assert_close(out, stock64(x.double()), torch.float32, tol=dot_tolerance(torch.float32))
     silu = Mlp(24, 61, act_layer=nn.SiLU)
     report = swap(silu)
-    assert report.total == 0 and "SiLU" in report.left_alone[0][2]
+    assert report.total == 0 and "torch.nn.modules.activation.SiLU" in report.left_alone[0][2]
