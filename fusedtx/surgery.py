@@ -174,15 +174,11 @@ def _install_prenorm(block: nn.Module) -> nn.Module:
 _TIMM_ACTIVATIONS = {"timm.layers.activations.GELU": "gelu", "timm.layers.activations.GELUTanh": "gelu_tanh"}
 
 
-def _qualified_name(kind: type) -> str:
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
 def _mlp_activation(act: nn.Module) -> str | None:
     """The ``reference.ACTIVATIONS`` name of an MLP's activation module, or None."""
     if type(act) is nn.GELU:
         return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    return "relu" if type(act) is nn.ReLU else _TIMM_ACTIVATIONS.get(_qualified_name(type(act)))
+    return "relu" if type(act) is nn.ReLU else _TIMM_ACTIVATIONS.get(_class_name(act))
 
 
 def _mlp_forward(self, x):
@@ -198,7 +194,7 @@ def _mlp_forward(self, x):
 def _install_mlp(mlp: nn.Module) -> nn.Module:
     """Install :func:`_mlp_forward` on a timm ``Mlp`` whose activation is GELU (exact or tanh) or ReLU."""
     if _mlp_activation(getattr(mlp, "act", None)) is None:
-        raise TypeError(f"its activation ({_qualified_name(type(getattr(mlp, 'act', None)))}) has no in-place "
+        raise TypeError(f"its activation ({_class_name(getattr(mlp, 'act', None))}) has no in-place "
                         "fusedtx variant (torch's GELU and ReLU, timm's GELU and GELUTanh)")
     object.__setattr__(mlp, "forward", fnn.attention.InstalledForward(mlp, _mlp_forward))
     return mlp
