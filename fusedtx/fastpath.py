@@ -265,8 +265,10 @@ def window_attention(qkv, window_size, shift_size, rel_pos_bias_table, num_heads
     if shift is not None:
         bias = bias + shift.to(ct)
     if mask is not None:
-        g = torch.arange(bsz * windows, device=qkv.device) % mask.shape[0]
-        bias = (bias.expand(bsz, windows, -1, -1, -1) + mask.to(ct)[g].view(bsz, windows, 1, n, n)).view(
+        mask = mask.to(ct)
+        if mask.shape[0] != bsz * windows:  # window g takes mask g mod M
+            mask = mask[torch.arange(bsz * windows, device=qkv.device) % mask.shape[0]]
+        bias = (bias.expand(bsz, windows, -1, -1, -1) + mask.view(bsz, windows, 1, n, n)).view(
             bsz * windows, num_heads, n, n)  # one sum, no copy of the expanded bias
     if bias.shape[0] not in (1, bsz * windows):  # (windows, heads, N, N): the same for every image
         bias = bias.expand(bsz, -1, -1, -1, -1).reshape(bsz * windows, num_heads, n, n)
