@@ -169,16 +169,11 @@ def _install_prenorm(block: nn.Module) -> nn.Module:
     return block
 
 
-# timm's own activation modules (what ``act_layer="gelu"`` builds, e.g. in Swin V2), by qualified name: fusedtx
-# does not import timm.
-_TIMM_ACTIVATIONS = {"timm.layers.activations.GELU": "gelu", "timm.layers.activations.GELUTanh": "gelu_tanh"}
-
-
-def _mlp_activation(act: nn.Module) -> str | None:
-    """The ``reference.ACTIVATIONS`` name of an MLP's activation module, or None."""
-    if type(act) is nn.GELU:
-        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
-    return "relu" if type(act) is nn.ReLU else _TIMM_ACTIVATIONS.get(_class_name(act))
+def _activation(act: nn.Module | None) -> str | None:
+    """The name of an activation module that fusedtx computes in place or fuses after a LayerNorm, or None
+    (also for none: an ``nn.Identity`` has nothing to fuse)."""
+    name = fnn.layer_norm_gelu.activation_name(act)
+    return None if name == "none" else name
 
 
 def _mlp_forward(self, x):
@@ -187,13 +182,13 @@ def _mlp_forward(self, x):
     GELU together). A forward hook on fc1 or the activation may keep fc1's output: then the stock path runs."""
     if torch.is_grad_enabled() or _hooked(self.fc1) or _hooked(self.act):
         return type(self).forward(self, x)
-    x = fastpath.activate(self.fc1(x), _mlp_activation(self.act))
+    x = fastpath.activate(self.fc1(x), _activation(self.act))
     return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
 def _install_mlp(mlp: nn.Module) -> nn.Module:
     """Install :func:`_mlp_forward` on a timm ``Mlp`` whose activation is GELU (exact or tanh) or ReLU."""
-    if _mlp_activation(getattr(mlp, "act", None)) is None:
+    if _activation(getattr(mlp, "act", None)) is None:
         raise TypeError(f"its activation ({_class_name(getattr(mlp, 'act', None))}) has no in-place "
                         "fusedtx variant (torch's GELU and ReLU, timm's GELU and GELUTanh)")
     object.__setattr__(mlp, "forward", fnn.attention.InstalledForward(mlp, _mlp_forward))
@@ -338,7 +333,8 @@ def swap(model: nn.Module, *, attention: bool = True, norm: bool = True, window_
     ``inplace=False`` a deep copy is swapped and the original is untouched. Returns a
     :class:`SwapReport` whose ``model`` is the swapped model (``model`` itself when in place).
     Known: ``torch.nn.LayerNorm`` (and timm's LayerNorm), and a LayerNorm directly followed by
-    ``nn.GELU`` / ``nn.ReLU`` in an ``nn.Sequential`` (fused into one ``LayerNormGELU``);
+    ``nn.GELU`` / ``nn.ReLU`` (or timm's ``GELU`` / ``GELUTanh``) in an ``nn.Sequential`` (fused into one
+    ``LayerNormGELU``);
     ``torch.nn.MultiheadAttention`` (torchvision's ViT too), timm's ``Attention``, and Hugging Face's
     ViT and Swin attention modules (transformers >= 4.51, Swin >= 5.9: through its attention interface);
     torchvision's ``ShiftedWindowAttention``, timm's ``WindowAttention``, and timm's
@@ -443,7 +439,7 @@ def _swap_children(parent: nn.Module, prefix: str, by_class: dict[str, Rule], ru
             continue
         nxt = children[i + 1][1] if i + 1 < len(children) else None
         if (rule.kind == "LayerNorm" and isinstance(parent, nn.Sequential)
-                and type(nxt) in (nn.GELU, nn.ReLU)):
+                and _activation(nxt) is not None):
             _replace(parent, name, child, fnn.LayerNormGELU.from_module(child, nxt))
             setattr(parent, children[i + 1][0], FusedAway(nxt))
             report.replaced["LayerNorm+activation"] += 1

@@ -185,8 +185,12 @@ def test_timm_vit_layer_norms():
     assert type(model.norm).__name__ == "LayerNorm" and not isinstance(model.norm, fusedtx.nn.LayerNorm)
 
 
-def test_sequential_layer_norm_then_gelu_fuses_and_unswaps():
-    model = nn.Sequential(nn.Linear(12, 12), nn.LayerNorm(12), nn.GELU(approximate="tanh"), nn.Linear(12, 3))
+@pytest.mark.parametrize("timm_act", [False, True])
+def test_sequential_layer_norm_then_gelu_fuses_and_unswaps(timm_act):
+    from timm.layers.activations import GELUTanh
+
+    act = GELUTanh() if timm_act else nn.GELU(approximate="tanh")
+    model = nn.Sequential(nn.Linear(12, 12), nn.LayerNorm(12), act, nn.Linear(12, 3))
     model.to(DEVICE)
     stock = list(model)
     _check_swap_matches(model, torch.randn(5, 12, device=DEVICE), {"LayerNorm+activation": 1})

@@ -92,7 +92,8 @@ class LayerNormGELU(LayerNorm):
     @classmethod
     def from_module(cls, norm: nn.LayerNorm, act: nn.Module | None = None) -> LayerNormGELU:
         """A fused module computing ``act(norm(x))`` for an existing ``nn.LayerNorm`` and activation
-        (``nn.GELU`` either approximation, ``nn.ReLU``, or ``None`` / ``nn.Identity`` for none).
+        (``nn.GELU`` either approximation, ``nn.ReLU``, timm's ``GELU`` / ``GELUTanh``, or ``None`` /
+        ``nn.Identity`` for none).
 
         The new module shares ``norm``'s parameters (the same ``nn.Parameter`` objects, so optimizers
         and tied weights keep working) and takes its training mode.
@@ -105,11 +106,28 @@ def _check_norm(norm: nn.Module) -> None:
         raise TypeError(f"norm must be a torch.nn.LayerNorm, got {type(norm).__name__}")
 
 
-def _activation_name(act: nn.Module | None) -> str:
-    if act is None or isinstance(act, nn.Identity):
+# timm's own activation modules (what its act_layer="gelu" builds, e.g. in Swin V2), by qualified class name:
+# fusedtx does not import timm.
+_TIMM_ACTIVATIONS = {"timm.layers.activations.GELU": "gelu", "timm.layers.activations.GELUTanh": "gelu_tanh"}
+
+
+def activation_name(act: nn.Module | None) -> str | None:
+    """The ``reference.ACTIVATIONS`` name of what the module ``act`` computes ("none" for None and
+    ``nn.Identity``), or None when fusedtx has no such activation. Exact classes only (``nn.GELU`` either
+    approximation, ``nn.ReLU``, timm's ``GELU`` and ``GELUTanh``): a subclass may compute something else."""
+    kind = type(act)
+    if act is None or kind is nn.Identity:
         return "none"
-    if isinstance(act, nn.GELU):
+    if kind is nn.GELU:
         return _GELU_APPROXIMATE[act.approximate]
-    if isinstance(act, nn.ReLU):
+    if kind is nn.ReLU:
         return "relu"
-    raise TypeError(f"act must be nn.GELU, nn.ReLU, nn.Identity or None, got {type(act).__name__}")
+    return _TIMM_ACTIVATIONS.get(f"{kind.__module__}.{kind.__qualname__}")
+
+
+def _activation_name(act: nn.Module | None) -> str:
+    name = activation_name(act)
+    if name is None:
+        raise TypeError("act must be nn.GELU, nn.ReLU, timm's GELU or GELUTanh, nn.Identity or None, got "
+                        f"{type(act).__name__}")
+    return name
