@@ -668,8 +668,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         return bq, n_kblocks, dbias, dfill, dscales
 
     bq, n_kblocks, dbias, dfill, dscales = launch("window_attention bwd", key,
-                                         _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True,
-                                         tuning=_tuning("bwd", qkv, tokens, head_dim))
+                                                  _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True,
+                                                  tuning=_tuning("bwd", qkv, tokens, head_dim))
     if n_kblocks > 1:
         def run_dq(config):
             block_m, block_n, warps, stages = config

@@ -286,6 +286,11 @@ def _windows(x: Tensor, window: tuple[int, int]) -> Tensor:
     return x.view(x.shape[0], *window, x.shape[2])
 
 
+def _zero_key_bias(q_bias: Tensor, v_bias: Tensor) -> Tensor:
+    """The qkv bias (3·C,) of a Swin V2 module whose key projection has no bias, as stock computes it."""
+    return torch.cat((q_bias, torch.zeros_like(q_bias), v_bias))
+
+
 def _timm_v2_qkv_bias(attn: nn.Module) -> Tensor | None:
     return None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
 
@@ -333,9 +338,7 @@ def _hf_v2_forward(self, hidden_states: Tensor, attention_mask: Tensor | None = 
     if output_attentions or n != window[0] * window[1]:  # the probabilities are wanted, or other windows
         return type(self).forward(self, hidden_states, attention_mask, output_attentions, **kwargs)
     weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-    bias = None
-    if self.query.bias is not None:
-        bias = torch.cat((self.query.bias, torch.zeros_like(self.query.bias), self.value.bias))
+    bias = _zero_key_bias(self.query.bias, self.value.bias) if self.query.bias is not None else None
     mask = 2 * attention_mask if attention_mask is not None else None
     out = _cosine_window_attention(_windows(hidden_states, window), weight, bias, self.logit_scale,
                                    self.continuous_position_bias_mlp(self.relative_coords_table),
@@ -351,7 +354,7 @@ def _torchvision_v2_forward(self, x: Tensor) -> Tensor:
     bias = self.qkv.bias
     if bias is not None:
         length = bias.numel() // 3
-        bias = torch.cat((bias[:length], torch.zeros_like(bias[length:2 * length]), bias[2 * length:]))
+        bias = _zero_key_bias(bias[:length], bias[2 * length:])
     dropout = self.attention_dropout if self.training else 0.0
     out = _cosine_window_attention(x, self.qkv.weight, bias, self.logit_scale, self.cpb_mlp(self.relative_coords_table),
                                    self.num_heads, _window(self.window_size), _shift(self.shift_size), "torchvision",
