@@ -643,9 +643,9 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
                                                          shift_size, num_heads, order)
     bias_grad = bias_grad and qkv_bias is not None
     fill_grad = bias_grad and consts["HAS_FILL"]  # without padding the bias gets no gradient here: zeros
-    dscale = torch.zeros_like(cosine_scale) if cosine_scale is not None else None
     if windows == 0:
         dtable = torch.zeros_like(table) if table_grad else None
+        dscale = torch.zeros_like(cosine_scale) if cosine_scale is not None else None
         return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None), dscale
     strides = (*qkv.stride(), *out.stride(), *dout.stride(), *dqkv.stride())
     key = (tokens, head_dim, qkv.dtype)
@@ -658,7 +658,7 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
                             device=qkv.device)
         dfill = torch.empty((groups, num_heads, n_kblocks, 2, head_dim) if fill_grad else (1,),
                             dtype=torch.float32, device=qkv.device)
-        dscales = torch.empty((groups, num_heads, n_kblocks) if dscale is not None else (1,), dtype=torch.float32,
+        dscales = torch.empty((groups, num_heads, n_kblocks) if cosine_scale is not None else (1,), dtype=torch.float32,
                               device=qkv.device)
         _window_attn_bwd_kernel[(groups * num_heads * n_kblocks,)](
             qkv, *ptrs, out, dout, lse, dqkv, dbias, dfill, dscales, *geometry, windows, per_group, scale * LOG2E,
@@ -691,6 +691,5 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
     if fill_grad:  # (heads, 2, head_dim) -> [0 for q | dk of padding | dv of padding]
         kv = dfill.sum((0, 2)).transpose(0, 1).reshape(2 * num_heads * head_dim)
         dqkv_bias = torch.cat([torch.zeros_like(kv[: c3 // 3]), kv]).to(qkv_bias.dtype)
-    if dscale is not None:
-        dscale = dscales.sum((0, 2)).to(dscale.dtype)
+    dscale = dscales.sum((0, 2)).to(cosine_scale.dtype) if cosine_scale is not None else None
     return dqkv, dtable, dqkv_bias, dscale
