@@ -171,8 +171,15 @@ _ATTENTION_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "
                            "stride_bn", "stride_mn")
 
 
-def _attention_case(kind: str, dtype: str, d: int, has_bias: bool, masked: bool, config) -> tuple:
-    """(label, kernel, signature, constexprs, num_warps, num_stages) of one attention kernel build."""
+def _precision_label(dtype: str, precision: str) -> str:
+    """The dtype of a build's label, with the dot precision for float32 ("fp32 ieee": TF32 off)."""
+    return f"{dtype} {precision}" if dtype == "fp32" else dtype
+
+
+def _attention_case(kind: str, dtype: str, d: int, has_bias: bool, masked: bool, config,
+                    precision: str = "tf32") -> tuple:
+    """(label, kernel, signature, constexprs, num_warps, num_stages) of one attention kernel build
+    (``precision``: of float32 dots, "tf32" or "ieee")."""
     from fusedtx.kernels import attention as k
 
     fn = {"fwd": k._attn_fwd_kernel, "dkdv": k._attn_bwd_dkdv_kernel, "dq": k._attn_bwd_dq_kernel,
@@ -184,7 +191,7 @@ def _attention_case(kind: str, dtype: str, d: int, has_bias: bool, masked: bool,
     sig.update(KPM="*u8", qk_scale="fp32", **({"sm_scale": "fp32"} if "sm_scale" in sig else {}))
     bm, bn, warps, stages = config
     consts = dict(HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_M=bm, BLOCK_N=bn, HAS_KPM=masked, CAUSAL=masked,
-                  PRECISION="tf32")  # fp32 dots as with torch.backends.cuda.matmul.allow_tf32 on
+                  PRECISION=precision)
     consts.update({n: 1 for n in _ATTENTION_UNIT_STRIDES if n in sig})
     if kind == "dbias":
         consts["SUM_ROWS"] = False
@@ -192,16 +199,20 @@ def _attention_case(kind: str, dtype: str, d: int, has_bias: bool, masked: bool,
         consts["HAS_BIAS"] = has_bias
     sig.update({c: "constexpr" for c in consts})
     flags = "".join([" +bias" if has_bias else "", " +padding causal" if masked else ""])
-    return f"{kind} {dtype} D={d}{flags} {_config_label(config)}", fn, sig, consts, warps, stages
+    label = f"{kind} {_precision_label(dtype, precision)} D={d}{flags} {_config_label(config)}"
+    return label, fn, sig, consts, warps, stages
 
 
 def attention_cases() -> list[tuple]:
-    """(kernel, dtype, head dim, bias, causal + key padding mask): every config with a bias, and the heaviest
-    variant (bias, padding mask, causal) of the bf16 ones."""
-    cases = [(kind, dtype, d, True, False) for dtype in ("bf16", "fp32") for d in (64, 80, 128, 256)
+    """(kernel, dtype, dot precision, head dim, bias, causal + key padding mask): every config with a bias, float32
+    in both dot precisions (tf32, and ieee: PyTorch's default, TF32 off), and the heaviest variant (bias,
+    padding mask, causal) of the bf16 ones."""
+    cases = [(kind, dtype, precision, d, True, False)
+             for dtype, precision in (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")) for d in (64, 80, 128, 256)
              for kind in ("fwd", "dkdv", "dq")]
-    cases += [(kind, "bf16", d, True, True) for d in (64, 128) for kind in ("fwd", "dkdv", "dq", "dbias")]
-    cases += [("fwd", "bf16", 64, False, False)]
+    cases += [("dbias", "fp32", "ieee", d, True, False) for d in (64, 128, 256)]
+    cases += [(kind, "bf16", "tf32", d, True, True) for d in (64, 128) for kind in ("fwd", "dkdv", "dq", "dbias")]
+    cases += [("fwd", "bf16", "tf32", 64, False, False)]
     return cases
 
 
@@ -210,21 +221,23 @@ def _attention_configs(family: str, shared: int):
 
     from fusedtx.kernels import attention as k
 
-    for kind, dtype, d, has_bias, masked in attention_cases():
+    for kind, dtype, precision, d, has_bias, masked in attention_cases():
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        config = k.configs(kind, d, torch_dtype, has_bias, family=family)
-        label, fn, sig, consts, warps, stages = _attention_case(kind, dtype, d, has_bias, masked, config)
-        alternatives = tuple(_attention_case(kind, dtype, d, has_bias, masked, c)
-                             for c in k.candidates(kind, d, torch_dtype, has_bias, family=family) if c != config)
+        config = k.configs(kind, d, torch_dtype, has_bias, family=family, precision=precision)
+        label, fn, sig, consts, warps, stages = _attention_case(kind, dtype, d, has_bias, masked, config, precision)
+        alternatives = tuple(_attention_case(kind, dtype, d, has_bias, masked, c, precision)
+                             for c in k.candidates(kind, d, torch_dtype, has_bias, family=family, precision=precision)
+                             if c != config)
         yield Case(label, fn, sig, consts, warps, stages, alternatives)
 
 
 _WINDOW_UNIT_STRIDES = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stride_t1", "stride_f", "stride_m2")
 
 
-def _window_case(kind: str, dtype: str, ws: int, d: int, config, cosine: bool = False) -> tuple:
+def _window_case(kind: str, dtype: str, ws: int, d: int, config, cosine: bool = False,
+                 precision: str = "tf32") -> tuple:
     """(label, kernel, signature, constexprs, num_warps, num_stages) of one window attention kernel build
-    (``cosine``: Swin V2's, q and k normalized in the kernel)."""
+    (``cosine``: Swin V2's, q and k normalized in the kernel; ``precision``: of float32 dots)."""
     from fusedtx.kernels import window_attention as k
 
     fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
@@ -236,15 +249,15 @@ def _window_case(kind: str, dtype: str, ws: int, d: int, config, cosine: bool = 
     tokens = ws * ws
     bm, bn, warps, stages = config
     consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
-                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False, COSINE=cosine,
-                  PRECISION="tf32")  # fp32: allow_tf32 on
+                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False, COSINE=cosine, PRECISION=precision)
     consts.update({n: 1 for n in _WINDOW_UNIT_STRIDES if n in sig})
     if kind == "bwd":
         consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True, STAGES=stages)
     else:
         consts["BLOCK_M"] = bm
     sig.update({c: "constexpr" for c in consts})
-    label = f"{kind} {dtype} window {ws} D={d}{' cosine' if cosine else ''} {_config_label(config)}"
+    label = (f"{kind} {_precision_label(dtype, precision)} window {ws} D={d}{' cosine' if cosine else ''} "
+             f"{_config_label(config)}")
     return label, fn, sig, consts, warps, stages
 
 
@@ -254,22 +267,24 @@ def _window_attention_configs(family: str, shared: int):
     from fusedtx.kernels import window_attention as k
     from fusedtx.kernels.support import window_fp32_backward_covers
 
-    # Swin's windows 7 and 8 and the larger 12 and 16, head dims 32 (Swin) and 64; the dQ kernel wherever
-    # the backward's key blocks do not cover the whole window. Swin V2's cosine variant (the same configs, a
-    # few more registers for the normalization) at its windows 8, 12 and 16, head dim 32, bfloat16.
-    plain = itertools.product(("bf16", "fp32"), ("fwd", "bwd", "dq"), (7, 8, 12, 16), (32, 64), (False,))
-    v2 = itertools.product(("bf16",), ("fwd", "bwd", "dq"), (8, 12, 16), (32,), (True,))
-    for dtype, kind, ws, d, cosine in itertools.chain(plain, v2):
+    # Swin's windows 7 and 8 and the larger 12 and 16, head dims 32 (Swin) and 64, float32 in both dot
+    # precisions (ieee: PyTorch's default, TF32 off); the dQ kernel wherever the backward's key blocks do not
+    # cover the whole window. Swin V2's cosine variant (the same configs, a few more registers for the
+    # normalization) at its windows 8, 12 and 16, head dim 32, in bfloat16 and in float32 with TF32 off.
+    dtypes = (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
+    plain = itertools.product(dtypes, ("fwd", "bwd", "dq"), (7, 8, 12, 16), (32, 64), (False,))
+    v2 = itertools.product((dtypes[0], dtypes[2]), ("fwd", "bwd", "dq"), (8, 12, 16), (32,), (True,))
+    for (dtype, precision), kind, ws, d, cosine in itertools.chain(plain, v2):
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
         tokens = ws * ws
         if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d, shared):
             continue  # not covered on this target: the fast PyTorch path runs it
-        if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family)[1] >= tokens:
+        if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family, precision=precision)[1] >= tokens:
             continue  # the backward computes dQ itself
-        config = k.configs(kind, tokens, d, torch_dtype, family=family)
-        label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config, cosine)
-        alternatives = tuple(_window_case(kind, dtype, ws, d, c, cosine)
-                             for c in k.candidates(kind, tokens, d, torch_dtype, family=family)
+        config = k.configs(kind, tokens, d, torch_dtype, family=family, precision=precision)
+        label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config, cosine, precision)
+        alternatives = tuple(_window_case(kind, dtype, ws, d, c, cosine, precision)
+                             for c in k.candidates(kind, tokens, d, torch_dtype, family=family, precision=precision)
                              if c != config)
         yield Case(label, fn, sig, consts, warps, stages, alternatives)
     fn = k._table_grad_kernel

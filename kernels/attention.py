@@ -32,9 +32,10 @@ the tail block pay for it.
 
 Compiled variants: sequence lengths and block counts are runtime ints that Triton does not
 specialise, and the block sizes depend only on the padded head dim (64 / 128 / 256 buckets), the dtype
-and whether a bias is read (:func:`configs`). So 197 and 4096 tokens run the same compiled kernel;
-the one length-dependent specialisation left is Triton's 16-alignment of strides, which a
-(1, H, N, N) bias's row stride N can flip: at most two variants of each bias-reading kernel.
+(float32 with its dot precision) and whether a bias is read (:func:`configs`). So 197 and 4096 tokens
+run the same compiled kernel; the one length-dependent specialisation left is Triton's 16-alignment of
+strides, which a (1, H, N, N) bias's row stride N can flip: at most two variants of each bias-reading
+kernel.
 
 The per-block pieces (``scores``, ``online_softmax_step``, ``finish_rows``, ``lse_log2``,
 ``softmax_bwd``) are the online-softmax core in :mod:`fusedtx.kernels.softmax_core`, which window
@@ -56,7 +57,7 @@ from .softmax_core import (
     scores,
     softmax_bwd,
 )
-from .support import dot_precision, empty_bnhd, interpreter_enabled
+from .support import dot_precision, dtype_tag, empty_bnhd, interpreter_enabled
 from .tuning import Tuning, device_family, launch, tuned_or
 
 # --------------------------------------------------------------------------------------------------
@@ -424,6 +425,25 @@ _BIAS_CONFIGS = {
                            ("fwd", 64, False): (128, 32, 8, 3), ("dkdv", 64, False): (32, 32, 8, 2),
                            ("dkdv", 128, False): (32, 32, 8, 2)},
 }
+# float32 with TF32 off ("ieee", PyTorch's default): Triton lowers these dots to FMA loops, without tensor cores,
+# whose fragments take more registers than an MMA's, and most of the tf32 tiles above spill there. (kernel,
+# padded head dim) -> the config where it differs from the tf32 one with a bias: that tile (fewer stages or other
+# warps allowed) where it compiled without a spill for every target of the family with a bias at head dims 64,
+# 80, 128 and 256, else the largest smaller tile that did (python -m fusedtx.bench.resources attention, the
+# "fp32 ieee" rows). Calls without a bias take the same config: the one that was compiled.
+_IEEE_CONFIGS = {
+    "ampere": {("fwd", 64): (64, 32, 8, 2), ("fwd", 128): (32, 32, 4, 1), ("fwd", 256): (16, 16, 8, 1),
+               ("dkdv", 64): (32, 32, 8, 1), ("dkdv", 128): (16, 16, 4, 2), ("dq", 128): (16, 32, 4, 2),
+               ("dbias", 64): (16, 64, 8, 2), ("dbias", 128): (16, 32, 8, 1), ("dbias", 256): (16, 16, 4, 1)},
+    "hopper": {("fwd", 64): (64, 32, 8, 3), ("fwd", 128): (128, 16, 8, 1), ("fwd", 256): (64, 16, 8, 1),
+               ("dq", 64): (32, 64, 4, 1), ("dq", 128): (32, 64, 8, 3), ("dbias", 128): (64, 32, 8, 1),
+               ("dbias", 256): (32, 16, 8, 1)},
+    "blackwell": {("fwd", 64): (64, 32, 8, 3), ("fwd", 128): (128, 16, 8, 1), ("fwd", 256): (64, 16, 8, 1),
+                  ("dq", 64): (64, 32, 8, 3), ("dq", 128): (32, 64, 8, 3), ("dbias", 128): (64, 32, 8, 1),
+                  ("dbias", 256): (32, 16, 8, 1)},
+    "blackwell_consumer": {("fwd", 64): (64, 32, 8, 2), ("fwd", 128): (64, 16, 8, 1), ("fwd", 256): (32, 16, 8, 1),
+                           ("dq", 128): (32, 16, 8, 1), ("dbias", 128): (32, 16, 8, 1), ("dbias", 256): (16, 16, 8, 1)},
+}
 # The interpreter runs a single small config (unequal blocks, so the causal ranges are exercised).
 _INTERPRETER_CONFIG = {"fwd": (64, 32, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1), "dbias": (32, 64, 1, 1)}
 
@@ -433,28 +453,32 @@ def _key(kind: str, head_dim: int, dtype: torch.dtype) -> tuple[str, int, bool]:
 
 
 def configs(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False,
-            family: str | None = None) -> tuple[int, int, int, int]:
+            family: str | None = None, precision: str | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "dkdv", "dq", "dbias") for a head
     dim, dtype and whether a bias is read, on architecture ``family`` (default: the interpreter's config when
-    it runs, else the current CUDA device's family). Independent of sequence length."""
+    it runs, else the current CUDA device's family). ``precision``: the dot precision of float32 operands,
+    "tf32" or "ieee" (default: what a launch now takes, :func:`~fusedtx.kernels.support.dot_precision`).
+    Independent of sequence length."""
     if family is None:
         if interpreter_enabled():
             return _INTERPRETER_CONFIG[kind]
         family = device_family(torch.device("cuda"))
     key = _key(kind, head_dim, dtype)
+    if dtype == torch.float32 and (precision or dot_precision(dtype)) == "ieee":  # one config, with or without a bias
+        return _IEEE_CONFIGS[family].get(key[:2]) or _BIAS_CONFIGS[family].get(key) or _CONFIGS[family][key]
     return (_BIAS_CONFIGS[family] if has_bias else {}).get(key) or _CONFIGS[family][key]
 
 
 def candidates(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False,
-               family: str | None = None) -> list[tuple[int, int, int, int]]:
+               family: str | None = None, precision: str | None = None) -> list[tuple[int, int, int, int]]:
     """A short list of configs worth timing for ``kind`` on ``family`` (the chosen one first): the chosen one,
     the other families' choices that are smaller, and the chosen one with half the key or query block. The
     resource check compiles them for a config that spills; ``fusedtx tune`` would time the ones that fit."""
-    chosen = configs(kind, head_dim, dtype, has_bias, family)
+    chosen = configs(kind, head_dim, dtype, has_bias, family, precision)
     bm, bn, warps, stages = chosen
     out = [chosen]
     for other in _CONFIGS:
-        c = configs(kind, head_dim, dtype, has_bias, other)
+        c = configs(kind, head_dim, dtype, has_bias, other, precision)
         if c[0] * c[1] <= bm * bn and c not in out:
             out.append(c)
     for c in ((bm, bn // 2, warps, stages), (bm // 2, bn, warps, stages), (bm, bn, warps, 2)):
@@ -469,7 +493,7 @@ def _tuning(kind: str, q: torch.Tensor, has_bias: bool = False) -> Tuning:
     candidates for the device's architecture family."""
     d = q.shape[-1]
     family = None if interpreter_enabled() else device_family(q.device)
-    key = f"attention|{kind}|d{block_d(d)}|{str(q.dtype).removeprefix('torch.')}|bias{int(has_bias)}|" \
+    key = f"attention|{kind}|d{block_d(d)}|{dtype_tag(q.dtype)}|bias{int(has_bias)}|" \
           f"n{triton.next_power_of_2(q.shape[2])}"
     return Tuning(q.device, key, tuple(candidates(kind, d, q.dtype, has_bias, family)))
 
@@ -530,7 +554,7 @@ def attention_fwd(
         )
 
     has_bias = bias is not None
-    launch("attention fwd", (d, q.dtype, has_bias), _launch_config("fwd", q, has_bias), run,
+    launch("attention fwd", (d, dtype_tag(q.dtype), has_bias), _launch_config("fwd", q, has_bias), run,
            tuning=_tuning("fwd", q, has_bias))
     return out, lse
 
@@ -578,7 +602,7 @@ def attention_bwd(
         out, do, delta, heads, nq, n_qblocks, *out.stride(), *do.stride(),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=dq_block_m, num_warps=dq_warps,
     )
-    key = (d, q.dtype, has_bias)
+    key = (d, dtype_tag(q.dtype), has_bias)
     if nk > 0:
         def run_dkdv(config):
             block_m, block_n, warps, stages = config

@@ -70,6 +70,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if precision == "tf32" else "ieee"
 
 
+def dtype_tag(dtype: torch.dtype) -> str:
+    """How launch configs name operands of ``dtype``: torch's name, and for float32 its dot precision too
+    ("float32-ieee", "float32-tf32"), whose builds differ (FMA loops against tensor cores) and take their own
+    configs."""
+    name = str(dtype).removeprefix("torch.")
+    return f"{name}-{dot_precision(dtype)}" if dtype == torch.float32 else name
+
+
 def empty_bnhd(shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
     """An empty (B, H, N, D) tensor laid out (B, N, H, D) in memory: the layout the attention kernels write
     (so merging heads afterwards, ``.transpose(1, 2).reshape(B, N, H * D)``, is free). Every backend returns

@@ -61,7 +61,7 @@ from .softmax_core import (
     scores,
     softmax_bwd,
 )
-from .support import dot_precision, interpreter_enabled
+from .support import dot_precision, dtype_tag, interpreter_enabled
 from .tuning import Tuning, device_family, launch, tuned_or
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -512,11 +512,34 @@ _OVERRIDES["blackwell_consumer"][("dq", 64, 64, False)] = (64, 32, 8, 1)
 _OVERRIDES["blackwell_consumer"][("dq", 256, 32, False)] = (64, 32, 4, 2)  # the cosine variant spills at 8 warps
 
 
+# float32 with TF32 off ("ieee", PyTorch's default): the dots are FMA loops, without tensor cores, whose fragments
+# take more registers. (kind, padded window, padded head dim) -> the config where it differs from the tf32 one:
+# the tf32 tile (fewer stages or other warps allowed) where it compiled without a spill for every target of the
+# family, at both windows of the padded size and in Swin V2's cosine variant (head dim 32), else the largest
+# smaller tile that did (python -m fusedtx.bench.resources window_attention, the "fp32 ieee" rows). None did
+# for the backward of 256-query tiles, nor on Ampere/Ada for 64-token windows at head dim 64: those keep their
+# tf32 config and are listed as spilling.
+_IEEE_OVERRIDES: dict[str, dict[tuple[str, int, int], tuple[int, int, int, int]]] = {
+    "ampere": {("fwd", 64, 64): (32, 64, 8, 2), ("fwd", 256, 64): (16, 128, 8, 1), ("bwd", 64, 32): (64, 16, 8, 1),
+               ("dq", 64, 64): (32, 64, 8, 2)},
+    "hopper": {("fwd", 64, 32): (64, 64, 8, 3), ("fwd", 64, 64): (64, 32, 8, 1), ("fwd", 256, 32): (64, 64, 8, 1),
+               ("fwd", 256, 64): (128, 16, 8, 1), ("bwd", 64, 64): (64, 16, 4, 1), ("dq", 64, 32): (64, 32, 8, 3),
+               ("dq", 64, 64): (32, 64, 8, 3), ("dq", 256, 32): (64, 64, 8, 1)},
+    "blackwell": {("fwd", 64, 32): (64, 64, 8, 3), ("fwd", 64, 64): (64, 32, 8, 1), ("fwd", 256, 32): (64, 64, 8, 1),
+                  ("fwd", 256, 64): (128, 16, 8, 1), ("bwd", 64, 32): (64, 16, 8, 1), ("bwd", 64, 64): (64, 16, 4, 1),
+                  ("dq", 64, 64): (32, 64, 8, 3), ("dq", 256, 32): (64, 64, 8, 1)},
+    "blackwell_consumer": {("fwd", 64, 64): (64, 32, 8, 1), ("fwd", 256, 64): (64, 32, 8, 1),
+                           ("bwd", 64, 32): (64, 16, 8, 1), ("bwd", 64, 64): (64, 16, 4, 1),
+                           ("dq", 64, 64): (32, 64, 8, 2)},
+}
+
+
 def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = torch.float16,
-            family: str | None = None) -> tuple[int, int, int, int]:
+            family: str | None = None, precision: str | None = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "bwd", "dq") for windows of
     ``tokens`` at ``head_dim`` in ``dtype`` on architecture ``family`` (default: the interpreter's configs when
-    it runs, else the current CUDA device's family).
+    it runs, else the current CUDA device's family). ``precision``: the dot precision of float32 operands,
+    "tf32" or "ieee" (default: what a launch now takes, :func:`~fusedtx.kernels.support.dot_precision`).
 
     The "bwd" kernel's query tile is always the whole window (BLOCK_M = block_q(tokens)); with one key
     block (BLOCK_N >= the padded window: 64-token windows in 16-bit on Blackwell) it computes dQ too and
@@ -529,19 +552,20 @@ def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = tor
             return {"fwd": (min(n, 32), min(n, 16), 1, 1), "bwd": (n, 16, 1, 1), "dq": (min(n, 32), 16, 1, 1)}[kind]
         family = device_family(torch.device("cuda"))
     key = (kind, n, block_d(head_dim), dtype == torch.float32)
-    return _OVERRIDES[family].get(key) or _hopper(kind, n)
+    ieee = dtype == torch.float32 and (precision or dot_precision(dtype)) == "ieee"
+    return (_IEEE_OVERRIDES[family].get(key[:3]) if ieee else None) or _OVERRIDES[family].get(key) or _hopper(kind, n)
 
 
 def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype,
-               family: str | None = None) -> list[tuple[int, int, int, int]]:
+               family: str | None = None, precision: str | None = None) -> list[tuple[int, int, int, int]]:
     """A short list of configs worth timing for ``kind`` (the chosen one first): the other families' choices,
     half the key block (the backward's query tile is the whole window), fewer warps, fewer stages. The resource
     check compiles them for a config that spills; ``fusedtx tune`` would time the ones that fit."""
-    chosen = configs(kind, tokens, head_dim, dtype, family)
+    chosen = configs(kind, tokens, head_dim, dtype, family, precision)
     bm, bn, warps, stages = chosen
     out = [chosen]
     for other in _OVERRIDES:
-        c = configs(kind, tokens, head_dim, dtype, other)
+        c = configs(kind, tokens, head_dim, dtype, other, precision)
         if c not in out:
             out.append(c)
     tries = [(bm, bn // 2, warps, stages), (bm, bn, 4 if warps == 8 else 8, stages), (bm, bn, warps, 1)]
@@ -557,7 +581,7 @@ def _tuning(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int) -> Tuning:
     """What ``fusedtx tune`` (``FUSEDTX_TUNE=1``) may time for a launch on ``qkv``: the key of its tuned config
     (kernel, padded window, padded head dim, dtype) and the candidates for the device's architecture family."""
     family = None if interpreter_enabled() else device_family(qkv.device)
-    key = f"window_attention|{kind}|n{block_q(tokens)}|d{block_d(head_dim)}|{str(qkv.dtype).removeprefix('torch.')}"
+    key = f"window_attention|{kind}|n{block_q(tokens)}|d{block_d(head_dim)}|{dtype_tag(qkv.dtype)}"
     return Tuning(qkv.device, key, tuple(candidates(kind, tokens, head_dim, qkv.dtype, family)))
 
 
@@ -624,8 +648,8 @@ def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, nu
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
         )
 
-    launch("window_attention fwd", (tokens, head_dim, qkv.dtype), _launch_config("fwd", qkv, tokens, head_dim), run,
-           tuning=_tuning("fwd", qkv, tokens, head_dim))
+    launch("window_attention fwd", (tokens, head_dim, dtype_tag(qkv.dtype)),
+           _launch_config("fwd", qkv, tokens, head_dim), run, tuning=_tuning("fwd", qkv, tokens, head_dim))
     return out, lse
 
 
@@ -648,7 +672,7 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         dscale = torch.zeros_like(cosine_scale) if cosine_scale is not None else None
         return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None), dscale
     strides = (*qkv.stride(), *out.stride(), *dout.stride(), *dqkv.stride())
-    key = (tokens, head_dim, qkv.dtype)
+    key = (tokens, head_dim, dtype_tag(qkv.dtype))
 
     def run(config):  # the key blocks decide the partial sums' shapes and whether dQ is fused
         bq, block_n, warps, stages = config

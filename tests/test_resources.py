@@ -44,17 +44,55 @@ def test_shrink_ends_at_the_smallest_config():
     assert tuning.shrink((64, 16, 4, 1), fixed_m=True) is None
 
 
+DTYPES = [(torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+
+
 @pytest.mark.parametrize("family", ARCH_FAMILIES)
 def test_every_family_has_every_config(family):
-    for kind in ("fwd", "dkdv", "dq", "dbias"):
-        for d in (32, 64, 80, 128, 256):
-            for dtype in (torch.bfloat16, torch.float32):
-                bm, bn, warps, stages = ka.configs(kind, d, dtype, True, family=family)
-                assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
-    for kind in ("fwd", "bwd", "dq"):
-        for tokens in (49, 64, 144, 256):
-            bm, bn, warps, stages = kw.configs(kind, tokens, 32, torch.bfloat16, family=family)
-            assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
+    for dtype, precision in DTYPES:
+        for kind in ("fwd", "dkdv", "dq", "dbias"):
+            for d in (32, 64, 80, 128, 256):
+                for has_bias in (False, True):
+                    bm, bn, warps, stages = ka.configs(kind, d, dtype, has_bias, family=family, precision=precision)
+                    assert bm >= 16 and bn >= 16 and warps in (4, 8) and stages >= 1
+        for kind in ("fwd", "bwd", "dq"):
+            for tokens in (49, 64, 144, 256):
+                for d in (32, 64):
+                    bm, bn, warps, stages = kw.configs(kind, tokens, d, dtype, family=family, precision=precision)
+                    assert 16 <= bm <= kw.block_q(tokens) and 16 <= bn <= kw.block_q(tokens)
+                    assert warps in (4, 8) and stages >= 1
+                    assert kind != "bwd" or bm == kw.block_q(tokens)  # the backward's tile is the whole window
+
+
+@pytest.fixture
+def fp32_precision():
+    """Sets PyTorch's float32 matmul precision ("tf32" or "ieee") for a test and restores it after."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    yield lambda precision: setattr(matmul, "fp32_precision", precision)
+    matmul.fp32_precision = before
+
+
+def test_float32_launches_follow_the_dot_precision(fp32_precision):
+    """A float32 launch takes the configs of the dot precision it compiles (TF32 on: tensor cores; off,
+    PyTorch's default: FMA loops, which need smaller tiles to stay spill-free), and its tuned configs are
+    stored apart: a config tuned with TF32 on is not used with it off."""
+    from fusedtx.kernels.support import dot_precision, dtype_tag
+
+    q, qkv = _rand(1, 2, 49, 32), _rand(1, 7, 7, 3 * 2 * 32)
+    tags, keys = set(), set()
+    for precision in ("tf32", "ieee"):
+        fp32_precision(precision)
+        assert dot_precision(torch.float32) == precision and dot_precision(torch.bfloat16) == "tf32"
+        tags.add(dtype_tag(torch.float32))
+        keys.update({ka._tuning("fwd", q).key, kw._tuning("bwd", qkv, 49, 32).key})
+        for family in ARCH_FAMILIES:
+            assert ka.configs("dq", 64, torch.float32, True, family) == \
+                ka.configs("dq", 64, torch.float32, True, family, precision)
+            assert kw.configs("bwd", 64, 32, torch.float32, family) == \
+                kw.configs("bwd", 64, 32, torch.float32, family, precision)
+    assert tags == {"float32-tf32", "float32-ieee"} and len(keys) == 4
+    assert dtype_tag(torch.bfloat16) == "bfloat16"
 
 
 def _forced(monkeypatch, module, name, fails):
