@@ -57,7 +57,7 @@ from .softmax_core import (
     scores,
     softmax_bwd,
 )
-from .support import dot_precision, dtype_tag, empty_bnhd, interpreter_enabled
+from .support import dot_precision, dtype_tag, empty_bnhd, full_float32, interpreter_enabled
 from .tuning import Tuning, device_family, launch, tuned_or
 
 # --------------------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ def configs(kind: str, head_dim: int, dtype: torch.dtype, has_bias: bool = False
             return _INTERPRETER_CONFIG[kind]
         family = device_family(torch.device("cuda"))
     key = _key(kind, head_dim, dtype)
-    if dtype == torch.float32 and (precision or dot_precision(dtype)) == "ieee":  # one config, with or without a bias
+    if full_float32(dtype, precision):  # one config, with or without a bias
         return _IEEE_CONFIGS[family].get(key[:2]) or _BIAS_CONFIGS[family].get(key) or _CONFIGS[family][key]
     return (_BIAS_CONFIGS[family] if has_bias else {}).get(key) or _CONFIGS[family][key]
 

@@ -70,6 +70,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if precision == "tf32" else "ieee"
 
 
+def full_float32(dtype: torch.dtype, precision: str | None = None) -> bool:
+    """Whether a launch on ``dtype`` operands runs full-float32 ("ieee") dots, which take their own launch
+    configs: float32 with ``precision`` "ieee" (None: what a launch now takes, :func:`dot_precision`)."""
+    return dtype == torch.float32 and (precision or dot_precision(dtype)) == "ieee"
+
+
 def dtype_tag(dtype: torch.dtype) -> str:
     """How launch configs name operands of ``dtype``: torch's name, and for float32 its dot precision too
     ("float32-ieee", "float32-tf32"), whose builds differ (FMA loops against tensor cores) and take their own

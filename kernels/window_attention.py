@@ -61,7 +61,7 @@ from .softmax_core import (
     scores,
     softmax_bwd,
 )
-from .support import dot_precision, dtype_tag, interpreter_enabled
+from .support import dot_precision, dtype_tag, full_float32, interpreter_enabled
 from .tuning import Tuning, device_family, launch, tuned_or
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -552,8 +552,8 @@ def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = tor
             return {"fwd": (min(n, 32), min(n, 16), 1, 1), "bwd": (n, 16, 1, 1), "dq": (min(n, 32), 16, 1, 1)}[kind]
         family = device_family(torch.device("cuda"))
     key = (kind, n, block_d(head_dim), dtype == torch.float32)
-    ieee = dtype == torch.float32 and (precision or dot_precision(dtype)) == "ieee"
-    return (_IEEE_OVERRIDES[family].get(key[:3]) if ieee else None) or _OVERRIDES[family].get(key) or _hopper(kind, n)
+    ieee = _IEEE_OVERRIDES[family].get(key[:3]) if full_float32(dtype, precision) else None
+    return ieee or _OVERRIDES[family].get(key) or _hopper(kind, n)
 
 
 def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype,
