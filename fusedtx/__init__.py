@@ -10,6 +10,7 @@ import sys as _sys
 
 from fusedtx import highres, nn, reference
 from fusedtx._backend import use_backend
+from fusedtx._checkout import import_installed_kernels as _import_installed_kernels
 from fusedtx.ops.attention import attention
 from fusedtx.ops.highres import merge_tokens, select_patches
 from fusedtx.ops.layer_norm_gelu import layer_norm, layer_norm_gelu
@@ -17,6 +18,7 @@ from fusedtx.ops.sinusoidal import add_sincos_2d, add_sinusoidal, sincos_2d, sin
 from fusedtx.ops.window_attention import window_attention
 from fusedtx.surgery import SwapReport, swap, unswap
 
+_import_installed_kernels()  # a checkout's kernels/ must not shadow the kernels that transformers imports
 if "transformers" in _sys.modules:  # attn_implementation="fusedtx" works from here on (else: at swap)
     nn.attention.register_hf_attention()
 
