@@ -7,7 +7,6 @@ import functools
 import torch
 from torch import Tensor
 
-from fusedtx import _backend
 from fusedtx.kernels.support import ATTENTION_MAX_HEAD_DIM, KERNEL_DTYPES, empty_bnhd, span
 from fusedtx.ops.common import (
     DROPOUT,
@@ -17,9 +16,9 @@ from fusedtx.ops.common import (
     check_tensor,
     fallback,
     first_reason,
-    implementation,
     kernels,
     or_empty,
+    try_kernel,
     unsupported_dtype,
     unsupported_span,
     vjp,
@@ -43,13 +42,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, key_padding_m
     """(out (B, H, Nq, D) laid out (B, Nq, H, D), fp32 log-sum-exp (B, H, Nq)); bias is 4-D. Without ``lse``
     (an eager call that records no gradient) the PyTorch paths return SDPA's output as it lays it out (see
     :func:`attention`) and None for the log-sum-exp only a backward reads."""
-    backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v), bias))
-    if backend == "triton":
-        try:
-            return kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale)
-        except _backend.out_of_resources() as err:
-            backend = _backend.no_config_fits("attention", err)
-    impl = implementation(backend)
+    done, impl = try_kernel("attention", q.device, _attention_unsupported((q, k, v), bias),
+                            lambda: kernels("attention").attention_fwd(q, k, v, bias, key_padding_mask, causal, scale))
+    if impl is None:
+        return done
     if not lse:
         return impl.attention(q, k, v, bias, key_padding_mask, causal, scale), None
     out, lse = impl.attention(q, k, v, bias, key_padding_mask, causal, scale, return_lse=True)
@@ -78,16 +74,12 @@ def _attention_bwd(
     key_padding_mask: Tensor | None, causal: bool, scale: float, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv laid out (B, N, H, D), dbias contiguous in the bias's shape or an empty tensor)."""
-    backend = _backend.select("attention", q.device, _attention_unsupported((q, k, v, do), bias))
-    if backend == "triton":
-        try:
-            dq, dk, dv, db = kernels("attention").attention_bwd(
-                do, q, k, v, out, lse, bias, key_padding_mask, causal, scale, bias_grad
-            )
-            return dq, dk, dv, or_empty(db, q)
-        except _backend.out_of_resources() as err:
-            backend = _backend.no_config_fits("attention", err)
-    impl = implementation(backend)
+    done, impl = try_kernel("attention", q.device, _attention_unsupported((q, k, v, do), bias),
+                            lambda: kernels("attention").attention_bwd(do, q, k, v, out, lse, bias, key_padding_mask,
+                                                                       causal, scale, bias_grad))
+    if impl is None:
+        dq, dk, dv, db = done
+        return dq, dk, dv, or_empty(db, q)
 
     def forward(q, k, v, b):
         return impl.attention(q, k, v, b, key_padding_mask, causal, scale)

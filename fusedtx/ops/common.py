@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from fusedtx import _backend, fastpath, reference
 from fusedtx.kernels.support import KERNEL_DTYPES, MAX_SPAN
+
+T = TypeVar("T")
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -96,6 +99,22 @@ def fallback(op: str, device: torch.device, reason: str | None) -> ModuleType | 
         return None
     backend = _backend.select(op, device, reason)
     return implementation("torch" if backend == "triton" else backend)
+
+
+def try_kernel(op: str, device: torch.device, reason: str | None,
+               kernel: Callable[[], T]) -> tuple[T | None, ModuleType | None]:
+    """``(kernel(), None)`` when the backend in force for a call of ``op`` (``_backend.select``; ``reason`` as
+    there) is Triton and a launch config fits; otherwise ``(None, module)``, the module that computes the call
+    instead (:func:`implementation`). Where the launch guard found no config that fits the GPU (Triton's
+    ``OutOfResources`` after every smaller one), that is the fast path, with one warning per op, so that a
+    resource limit never breaks a user's model."""
+    backend = _backend.select(op, device, reason)
+    if backend == "triton":
+        try:
+            return kernel(), None
+        except _backend.out_of_resources() as err:
+            backend = _backend.no_config_fits(op, err)
+    return None, implementation(backend)
 
 
 def call(op, *args, inference: Callable | None = None):

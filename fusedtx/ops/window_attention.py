@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from fusedtx import _backend, reference
+from fusedtx import reference
 from fusedtx.kernels.support import (
     WINDOW_FP32_WIDE_BACKWARD_SHARED,
     WINDOW_MAX_HEAD_DIM,
@@ -24,9 +24,9 @@ from fusedtx.ops.common import (
     check_tensor,
     fallback,
     first_reason,
-    implementation,
     kernels,
     or_empty,
+    try_kernel,
     unsupported_dtype,
     unsupported_span,
     vjp,
@@ -65,15 +65,13 @@ def _window_attention_fwd(
     window_size: list[int], shift_size: list[int], num_heads: int, scale: float, order: str,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, H, W, C) contiguous, fp32 lse (B·windows, heads, N)); shift_size is the effective shift."""
-    backend = _backend.select("window_attention", qkv.device, _window_unsupported(qkv, num_heads, window_size))
-    if backend == "triton":
-        try:
-            return kernels("window_attention").window_attention_fwd(
-                qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order, cosine_scale
-            )
-        except _backend.out_of_resources() as err:
-            backend = _backend.no_config_fits("window_attention", err)
-    out, lse = implementation(backend).window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias,
+    done, impl = try_kernel("window_attention", qkv.device, _window_unsupported(qkv, num_heads, window_size),
+                            lambda: kernels("window_attention").window_attention_fwd(
+                                qkv, table, qkv_bias, mask, window_size, shift_size, num_heads, scale, order,
+                                cosine_scale))
+    if impl is None:
+        return done
+    out, lse = impl.window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias,
                                                         scale, order, mask, return_lse=True,
                                                         cosine_scale=cosine_scale)
     return out.contiguous(), lse.float().contiguous()
@@ -95,18 +93,13 @@ def _window_attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dqkv contiguous, d(table), d(qkv_bias) and d(cosine_scale), each an empty tensor when not asked for or
     without that input)."""
-    reason = _window_unsupported(qkv, num_heads, window_size, dout, out)
-    backend = _backend.select("window_attention", qkv.device, reason)
-    if backend == "triton":
-        try:
-            dqkv, dtable, dbias, dscale = kernels("window_attention").window_attention_bwd(
-                dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads, scale, order,
-                table_grad, bias_grad, cosine_scale,
-            )
-            return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv), or_empty(dscale, qkv)
-        except _backend.out_of_resources() as err:
-            backend = _backend.no_config_fits("window_attention", err)
-    impl = implementation(backend)
+    done, impl = try_kernel("window_attention", qkv.device, _window_unsupported(qkv, num_heads, window_size, dout, out),
+                            lambda: kernels("window_attention").window_attention_bwd(
+                                dout, qkv, table, qkv_bias, mask, out, lse, window_size, shift_size, num_heads,
+                                scale, order, table_grad, bias_grad, cosine_scale))
+    if impl is None:
+        dqkv, dtable, dbias, dscale = done
+        return dqkv, or_empty(dtable, qkv), or_empty(dbias, qkv), or_empty(dscale, qkv)
 
     def forward(qkv, table, b, cosine_scale):
         return impl.window_attention(qkv, window_size, shift_size, table, num_heads, b, scale, order, mask,
