@@ -21,7 +21,8 @@ import torch
 
 from fusedtx.kernels.support import dot_precision, window_fp32_backward_covers
 
-# Relative-error bounds per dtype (the test suite's), for results built from dot products; gradients get 4x.
+# Relative-error bounds per dtype (DESIGN.md; the test suite's too, through tests/helpers.py), for results built
+# from dot products; gradients get 4x.
 BOUNDS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 TF32_BOUND = 1e-3
 
