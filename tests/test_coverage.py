@@ -3,6 +3,7 @@ coverage (random weights, tiny configs, no downloads)."""
 
 import copy
 import io
+import math
 
 import pytest
 import timm
@@ -32,6 +33,31 @@ def _run(model, x, dy=None, grads=True):
     return out.detach(), x.grad, dy
 
 
+def _ulp_moved(t):
+    """``t`` with each element moved to a float32 neighbour or left, by a fair three-way draw."""
+    draw = torch.randint(0, 3, t.shape, device=t.device)
+    return torch.where(draw == 0, t, torch.nextafter(t, torch.where(draw == 1, math.inf, -math.inf).to(t)))
+
+
+def _stock_errors(model, x, dy, ref_params, draws=3):
+    """Per parameter, stock float32's largest gradient error against ``ref_params`` over ``draws`` runs: one on
+    the inputs as they are, the others with every weight and pixel moved by at most one float32 ulp. Stock's
+    error on one run is a single draw of rounding noise that scatters over an order of magnitude from run to
+    run on an ill-conditioned gradient; a lucky draw would make the bound stricter than float32 can hold."""
+    errors = {}
+    for draw in range(draws):
+        stock32 = copy.deepcopy(model)
+        if draw:
+            with torch.no_grad():
+                for p in stock32.parameters():
+                    p.copy_(_ulp_moved(p))
+        _run(stock32, _ulp_moved(x) if draw else x, dy.float())
+        for n, p in stock32.named_parameters():
+            if n in ref_params:
+                errors[n] = max(errors.get(n, 0.0), rel_error(p.grad, ref_params[n]))
+    return errors
+
+
 def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     """Swap ``model``; outputs, input gradient and every parameter gradient as stock's; ``fused_attention``
     attention modules fused, none left unlisted; unswap puts every method back."""
@@ -44,10 +70,7 @@ def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     ref_out, ref_grad, dy = _run(stock64, x.double(), grads=grads)
     assert ref_out.norm() > 0 and ref_grad.norm() > 0  # a zero-initialized head would make the check vacuous
     ref_params = {n: p.grad.clone() for n, p in stock64.named_parameters() if p.grad is not None}
-    stock32 = copy.deepcopy(model)
-    if grads:
-        _run(stock32, x, dy.float())
-    stock_err = {n: rel_error(p.grad, ref_params[n]) for n, p in stock32.named_parameters() if n in ref_params}
+    stock_err = _stock_errors(model, x, dy, ref_params) if grads else {}
     report = swap(model, **swap_kwargs)
     done, total = report.coverage["attention"]
     assert done == fused_attention, str(report)
