@@ -14,7 +14,8 @@ it (the kernel's ``candidates``). The last lines are one summary per target:
 
 The committed tables (``bench/results/resources-sm_*.md``) come from
 ``python -m fusedtx.bench.resources --out-dir bench/results``; ``tests/test_resources.py`` recompiles the
-largest configs of each table and checks that every table still lists the configs the launchers pick.
+largest configs of each table (and the largest with an attention mask) and checks that every table still lists
+the configs the launchers pick.
 """
 
 from __future__ import annotations
@@ -235,9 +236,10 @@ _WINDOW_UNIT_STRIDES = ("stride_c", "stride_oc", "stride_gc", "stride_xc", "stri
 
 
 def _window_case(kind: str, dtype: str, ws: int, d: int, config, cosine: bool = False,
-                 precision: str = "tf32") -> tuple:
+                 precision: str = "tf32", has_mask: bool = False) -> tuple:
     """(label, kernel, signature, constexprs, num_warps, num_stages) of one window attention kernel build
-    (``cosine``: Swin V2's, q and k normalized in the kernel; ``precision``: of float32 dots)."""
+    (``cosine``: Swin V2's, q and k normalized in the kernel; ``precision``: of float32 dots; ``has_mask``: with
+    an attention mask, as Hugging Face's Swin and torchvision's partitioned windows pass)."""
     from fusedtx.kernels import window_attention as k
 
     fn = {"fwd": k._window_attn_fwd_kernel, "bwd": k._window_attn_bwd_kernel,
@@ -249,15 +251,15 @@ def _window_case(kind: str, dtype: str, ws: int, d: int, config, cosine: bool = 
     tokens = ws * ws
     bm, bn, warps, stages = config
     consts = dict(WH=ws, WW=ws, HEAD_DIM=d, BLOCK_D=k.block_d(d), BLOCK_N=bn, SHIFTED=True,
-                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=False, COSINE=cosine, PRECISION=precision)
+                  TORCHVISION=False, HAS_FILL=True, HAS_MASK=has_mask, COSINE=cosine, PRECISION=precision)
     consts.update({n: 1 for n in _WINDOW_UNIT_STRIDES if n in sig})
     if kind == "bwd":
         consts.update(BLOCK_Q=bm, FUSE_DQ=bn >= tokens, TABLE_GRAD=True, FILL_GRAD=True, STAGES=stages)
     else:
         consts["BLOCK_M"] = bm
     sig.update({c: "constexpr" for c in consts})
-    label = (f"{kind} {_precision_label(dtype, precision)} window {ws} D={d}{' cosine' if cosine else ''} "
-             f"{_config_label(config)}")
+    flags = "".join([" cosine" if cosine else "", " +mask" if has_mask else ""])
+    label = f"{kind} {_precision_label(dtype, precision)} window {ws} D={d}{flags} {_config_label(config)}"
     return label, fn, sig, consts, warps, stages
 
 
@@ -270,22 +272,27 @@ def _window_attention_configs(family: str, shared: int):
     # Swin's windows 7 and 8 and the larger 12 and 16, head dims 32 (Swin) and 64, float32 in both dot
     # precisions (ieee: PyTorch's default, TF32 off); the dQ kernel wherever the backward's key blocks do not
     # cover the whole window. Swin V2's cosine variant (the same configs, a few more registers for the
-    # normalization) at its windows 8, 12 and 16, head dim 32, in bfloat16 and in float32 with TF32 off.
+    # normalization) at its windows 8, 12 and 16, head dim 32, in bfloat16 and in float32 with TF32 off. Then
+    # both again at head dim 32 with an attention mask (" +mask": Hugging Face's Swin and Swin V2, torchvision's
+    # partitioned windows), which take their own configs where they differ.
     dtypes = (("bf16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee"))
-    plain = itertools.product(dtypes, ("fwd", "bwd", "dq"), (7, 8, 12, 16), (32, 64), (False,))
-    v2 = itertools.product((dtypes[0], dtypes[2]), ("fwd", "bwd", "dq"), (8, 12, 16), (32,), (True,))
-    for (dtype, precision), kind, ws, d, cosine in itertools.chain(plain, v2):
+    kinds = ("fwd", "bwd", "dq")
+    plain = itertools.product(dtypes, kinds, (7, 8, 12, 16), (32, 64), (False,), (False,))
+    v2 = itertools.product((dtypes[0], dtypes[2]), kinds, (8, 12, 16), (32,), (True,), (False,))
+    masked = itertools.product(dtypes, kinds, (7, 8, 12, 16), (32,), (False,), (True,))
+    masked_v2 = itertools.product((dtypes[0], dtypes[2]), kinds, (8, 12, 16), (32,), (True,), (True,))
+    for (dtype, precision), kind, ws, d, cosine, has_mask in itertools.chain(plain, v2, masked, masked_v2):
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
         tokens = ws * ws
         if kind != "fwd" and dtype == "fp32" and not window_fp32_backward_covers(tokens, d, shared):
             continue  # not covered on this target: the fast PyTorch path runs it
-        if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, family=family, precision=precision)[1] >= tokens:
+        pick = dict(family=family, precision=precision, has_mask=has_mask)
+        if kind == "dq" and k.configs("bwd", tokens, d, torch_dtype, **pick)[1] >= tokens:
             continue  # the backward computes dQ itself
-        config = k.configs(kind, tokens, d, torch_dtype, family=family, precision=precision)
-        label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config, cosine, precision)
-        alternatives = tuple(_window_case(kind, dtype, ws, d, c, cosine, precision)
-                             for c in k.candidates(kind, tokens, d, torch_dtype, family=family, precision=precision)
-                             if c != config)
+        config = k.configs(kind, tokens, d, torch_dtype, **pick)
+        label, fn, sig, consts, warps, stages = _window_case(kind, dtype, ws, d, config, cosine, precision, has_mask)
+        alternatives = tuple(_window_case(kind, dtype, ws, d, c, cosine, precision, has_mask)
+                             for c in k.candidates(kind, tokens, d, torch_dtype, **pick) if c != config)
         yield Case(label, fn, sig, consts, warps, stages, alternatives)
     fn = k._table_grad_kernel
     for ws in (7, 16):
@@ -424,9 +431,9 @@ def _estimate(case: Case) -> int:
 
 def check_sample(arch: str, families, tables: str | Path, count: int) -> list[str]:
     """Compile the ``count`` configs of ``arch`` that use the most shared memory (per its committed table, or
-    estimated when there is none) and return what is wrong: with a table, a config the launchers pick that it
-    does not list (or the reverse); a config over the shared-memory limit; one that spills where the table
-    says it does not."""
+    estimated when there is none), and the ``count`` largest of those with an attention mask (" +mask", their
+    own configs), and return what is wrong: with a table, a config the launchers pick that it does not list (or
+    the reverse); a config over the shared-memory limit; one that spills where the table says it does not."""
     path = table_path(tables, arch)
     committed = read_table(path) if path.exists() else None
     picked = {(family, case.label): case for family, case in cases(arch, families)}
@@ -436,9 +443,10 @@ def check_sample(arch: str, families, tables: str | Path, count: int) -> list[st
                      for f, label in picked if (f, label) not in committed]
         problems += [f"{target_name(arch)}: {f} {label} is in the committed table but no longer picked"
                      for f, label in committed if f in families and (f, label) not in picked]
-        largest = sorted((k for k in picked if k in committed), key=lambda k: -committed[k]["shared"])[:count]
+        ranked = sorted((k for k in picked if k in committed), key=lambda k: -committed[k]["shared"])
     else:
-        largest = sorted(picked, key=lambda k: -_estimate(picked[k]))[:count]
+        ranked = sorted(picked, key=lambda k: -_estimate(picked[k]))
+    largest = dict.fromkeys(ranked[:count] + [k for k in ranked if " +mask" in k[1]][:count])
     for family, label in largest:
         case = picked[(family, label)]
         r = compile_for(arch, case.fn, case.signature, case.constexprs, case.num_warps, case.num_stages)
@@ -460,7 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="print only the summary lines")
     p.add_argument("--sample", type=int, default=0, metavar="K",
                    help="CI guard: check the committed tables in --tables against the configs the launchers pick "
-                        "and recompile the K largest configs of each target; exit 1 on a problem")
+                        "and recompile the K largest configs of each target (and its K largest with an attention "
+                        "mask); exit 1 on a problem")
     p.add_argument("--tables", default="bench/results", help="folder of the committed tables (with --sample)")
     args = p.parse_args(argv)
     unknown = set(args.families) - set(CONFIGS)

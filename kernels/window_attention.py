@@ -534,15 +534,45 @@ _IEEE_OVERRIDES: dict[str, dict[tuple[str, int, int], tuple[int, int, int, int]]
 }
 
 
+# With an attention mask (HAS_MASK: Hugging Face's Swin and Swin V2, torchvision's partitioned windows) every score
+# tile adds a tile loaded from the mask, whose addresses and values take registers. (kind, padded window, padded
+# head dim, dots: "16-bit", "tf32" or "ieee", :func:`_dots`) -> the config of a masked launch where it differs from
+# the unmasked one; found as the ieee table was (python -m fusedtx.bench.resources window_attention, the "+mask"
+# rows, head dim 32, Swin's; other head dims take the unmasked configs): the unmasked tile with fewer stages or the
+# other warp count where that compiled without a spill for every target of the family, at both windows of the
+# padded size and in Swin V2's cosine variant, else the largest smaller tile that did. None did for the backward's
+# 256-query tile, which is the whole window and whose key block is already the smallest: masked, it keeps the
+# unmasked config and is listed as spilling where the unmasked build spills, and also for 12x12 windows on Hopper
+# (16-bit Swin V2, tf32) and Blackwell (tf32).
+_MASK_OVERRIDES: dict[str, dict[tuple[str, int, int, str], tuple[int, int, int, int]]] = {
+    "ampere": {("bwd", 64, 32, "16-bit"): (64, 16, 8, 1), ("dq", 256, 32, "16-bit"): (64, 32, 8, 1),
+               ("fwd", 64, 32, "ieee"): (64, 32, 4, 1), ("fwd", 256, 32, "ieee"): (64, 16, 8, 2),
+               ("dq", 256, 32, "ieee"): (64, 16, 8, 2)},
+    "hopper": {("bwd", 64, 32, "16-bit"): (64, 32, 4, 2), ("fwd", 256, 32, "ieee"): (64, 64, 4, 1)},
+    "blackwell": {("bwd", 64, 32, "16-bit"): (64, 32, 4, 1)},  # dQ then from the dq kernel
+    "blackwell_consumer": {("bwd", 64, 32, "16-bit"): (64, 16, 8, 1), ("fwd", 64, 32, "ieee"): (64, 32, 8, 1),
+                           ("fwd", 256, 32, "ieee"): (64, 16, 8, 2)},
+}
+
+
+def _dots(dtype: torch.dtype, precision: str | None = None) -> str:
+    """How a launch's dots run, as :data:`_MASK_OVERRIDES` names them: "ieee" (full float32), "tf32" (float32
+    with TF32) or "16-bit"."""
+    return "ieee" if full_float32(dtype, precision) else "tf32" if dtype == torch.float32 else "16-bit"
+
+
 def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = torch.float16,
-            family: str | None = None, precision: str | None = None) -> tuple[int, int, int, int]:
+            family: str | None = None, precision: str | None = None,
+            has_mask: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd", "bwd", "dq") for windows of
     ``tokens`` at ``head_dim`` in ``dtype`` on architecture ``family`` (default: the interpreter's configs when
     it runs, else the current CUDA device's family). ``precision``: the dot precision of float32 operands,
     "tf32" or "ieee" (default: what a launch now takes, :func:`~fusedtx.kernels.support.dot_precision`).
+    ``has_mask``: the launch adds an attention mask (``HAS_MASK``), whose builds take more registers and have
+    their own configs where they differ (:data:`_MASK_OVERRIDES`).
 
     The "bwd" kernel's query tile is always the whole window (BLOCK_M = block_q(tokens)); with one key
-    block (BLOCK_N >= the padded window: 64-token windows in 16-bit on Blackwell) it computes dQ too and
+    block (BLOCK_N >= the padded window: unmasked 64-token windows in 16-bit on Blackwell) it computes dQ too and
     "dq" is not launched. The interpreter
     runs small blocks, so windows of 49 tokens there take the multi-block paths (dq kernel included).
     Not yet tuned on a GPU."""
@@ -552,20 +582,21 @@ def configs(kind: str, tokens: int, head_dim: int = 32, dtype: torch.dtype = tor
             return {"fwd": (min(n, 32), min(n, 16), 1, 1), "bwd": (n, 16, 1, 1), "dq": (min(n, 32), 16, 1, 1)}[kind]
         family = device_family(torch.device("cuda"))
     key = (kind, n, block_d(head_dim), dtype == torch.float32)
+    masked = _MASK_OVERRIDES[family].get((*key[:3], _dots(dtype, precision))) if has_mask else None
     ieee = _IEEE_OVERRIDES[family].get(key[:3]) if full_float32(dtype, precision) else None
-    return ieee or _OVERRIDES[family].get(key) or _hopper(kind, n)
+    return masked or ieee or _OVERRIDES[family].get(key) or _hopper(kind, n)
 
 
-def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype,
-               family: str | None = None, precision: str | None = None) -> list[tuple[int, int, int, int]]:
+def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype, family: str | None = None,
+               precision: str | None = None, has_mask: bool = False) -> list[tuple[int, int, int, int]]:
     """A short list of configs worth timing for ``kind`` (the chosen one first): the other families' choices,
     half the key block (the backward's query tile is the whole window), fewer warps, fewer stages. The resource
     check compiles them for a config that spills; ``fusedtx tune`` would time the ones that fit."""
-    chosen = configs(kind, tokens, head_dim, dtype, family, precision)
+    chosen = configs(kind, tokens, head_dim, dtype, family, precision, has_mask)
     bm, bn, warps, stages = chosen
     out = [chosen]
     for other in _OVERRIDES:
-        c = configs(kind, tokens, head_dim, dtype, other, precision)
+        c = configs(kind, tokens, head_dim, dtype, other, precision, has_mask)
         if c not in out:
             out.append(c)
     tries = [(bm, bn // 2, warps, stages), (bm, bn, 4 if warps == 8 else 8, stages), (bm, bn, warps, 1)]
@@ -577,19 +608,22 @@ def candidates(kind: str, tokens: int, head_dim: int, dtype: torch.dtype,
     return out
 
 
-def _tuning(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int) -> Tuning:
+def _tuning(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int, has_mask: bool = False) -> Tuning:
     """What ``fusedtx tune`` (``FUSEDTX_TUNE=1``) may time for a launch on ``qkv``: the key of its tuned config
-    (kernel, padded window, padded head dim, dtype) and the candidates for the device's architecture family."""
+    (kernel, padded window, padded head dim, dtype, mask) and the candidates for the device's architecture
+    family."""
     family = None if interpreter_enabled() else device_family(qkv.device)
-    key = f"window_attention|{kind}|n{block_q(tokens)}|d{block_d(head_dim)}|{dtype_tag(qkv.dtype)}"
-    return Tuning(qkv.device, key, tuple(candidates(kind, tokens, head_dim, qkv.dtype, family)))
+    key = (f"window_attention|{kind}|n{block_q(tokens)}|d{block_d(head_dim)}|{dtype_tag(qkv.dtype)}|"
+           f"mask{int(has_mask)}")
+    return Tuning(qkv.device, key, tuple(candidates(kind, tokens, head_dim, qkv.dtype, family, has_mask=has_mask)))
 
 
-def _launch_config(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int) -> tuple[int, int, int, int]:
+def _launch_config(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int,
+                   has_mask: bool = False) -> tuple[int, int, int, int]:
     """The config a launch on ``qkv``'s device starts from: its tuned one (``fusedtx tune``), else the table's."""
     family = None if interpreter_enabled() else device_family(qkv.device)
-    default = configs(kind, tokens, head_dim, qkv.dtype, family)
-    return tuned_or(qkv.device, _tuning(kind, qkv, tokens, head_dim).key, default)
+    default = configs(kind, tokens, head_dim, qkv.dtype, family, has_mask=has_mask)
+    return tuned_or(qkv.device, _tuning(kind, qkv, tokens, head_dim, has_mask).key, default)
 
 
 def _groups(device: torch.device, windows: int, per_window_programs: int) -> tuple[int, int]:
@@ -648,8 +682,10 @@ def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, nu
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
         )
 
-    launch("window_attention fwd", (tokens, head_dim, dtype_tag(qkv.dtype)),
-           _launch_config("fwd", qkv, tokens, head_dim), run, tuning=_tuning("fwd", qkv, tokens, head_dim))
+    has_mask = mask is not None
+    launch("window_attention fwd", (tokens, head_dim, dtype_tag(qkv.dtype), has_mask),
+           _launch_config("fwd", qkv, tokens, head_dim, has_mask), run,
+           tuning=_tuning("fwd", qkv, tokens, head_dim, has_mask))
     return out, lse
 
 
@@ -672,7 +708,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         dscale = torch.zeros_like(cosine_scale) if cosine_scale is not None else None
         return dqkv, dtable, (torch.zeros_like(qkv_bias) if bias_grad else None), dscale
     strides = (*qkv.stride(), *out.stride(), *dout.stride(), *dqkv.stride())
-    key = (tokens, head_dim, dtype_tag(qkv.dtype))
+    has_mask = mask is not None
+    key = (tokens, head_dim, dtype_tag(qkv.dtype), has_mask)
 
     def run(config):  # the key blocks decide the partial sums' shapes and whether dQ is fused
         bq, block_n, warps, stages = config
@@ -692,8 +729,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         return bq, n_kblocks, dbias, dfill, dscales
 
     bq, n_kblocks, dbias, dfill, dscales = launch("window_attention bwd", key,
-                                                  _launch_config("bwd", qkv, tokens, head_dim), run, fixed_m=True,
-                                                  tuning=_tuning("bwd", qkv, tokens, head_dim))
+                                                  _launch_config("bwd", qkv, tokens, head_dim, has_mask), run,
+                                                  fixed_m=True, tuning=_tuning("bwd", qkv, tokens, head_dim, has_mask))
     if n_kblocks > 1:
         def run_dq(config):
             block_m, block_n, warps, stages = config
@@ -702,8 +739,8 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
             )
 
-        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim), run_dq,
-               tuning=_tuning("dq", qkv, tokens, head_dim))
+        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim, has_mask), run_dq,
+               tuning=_tuning("dq", qkv, tokens, head_dim, has_mask))
     dtable = None
     if table_grad:
         dtable = table.new_empty(table.shape)

@@ -58,10 +58,34 @@ def test_every_family_has_every_config(family):
         for kind in ("fwd", "bwd", "dq"):
             for tokens in (49, 64, 144, 256):
                 for d in (32, 64):
-                    bm, bn, warps, stages = kw.configs(kind, tokens, d, dtype, family=family, precision=precision)
-                    assert 16 <= bm <= kw.block_q(tokens) and 16 <= bn <= kw.block_q(tokens)
-                    assert warps in (4, 8) and stages >= 1
-                    assert kind != "bwd" or bm == kw.block_q(tokens)  # the backward's tile is the whole window
+                    for has_mask in (False, True):
+                        bm, bn, warps, stages = kw.configs(kind, tokens, d, dtype, family=family, precision=precision,
+                                                           has_mask=has_mask)
+                        assert 16 <= bm <= kw.block_q(tokens) and 16 <= bn <= kw.block_q(tokens)
+                        assert warps in (4, 8) and stages >= 1
+                        assert kind != "bwd" or bm == kw.block_q(tokens)  # the backward's tile is the whole window
+                        assert kw.candidates(kind, tokens, d, dtype, family, precision, has_mask)[0] == \
+                            (bm, bn, warps, stages)
+
+
+@pytest.mark.parametrize("family", ARCH_FAMILIES)
+def test_masked_window_configs_differ_only_where_listed(family):
+    """A masked launch takes the unmasked config except where the mask table says otherwise; every entry there
+    is a padded window and head dim the launchers run (head dim 32: Swin's), in a dots kind that exists, and
+    differs from the unmasked config it replaces (else it would be a dead entry)."""
+    overrides = kw._MASK_OVERRIDES[family]
+    for dtype, precision in DTYPES:
+        dots = kw._dots(dtype, precision)
+        for kind in ("fwd", "bwd", "dq"):
+            for tokens in (49, 64, 144, 256):
+                for d in (32, 64):
+                    plain = kw.configs(kind, tokens, d, dtype, family, precision)
+                    masked = kw.configs(kind, tokens, d, dtype, family, precision, has_mask=True)
+                    key = (kind, kw.block_q(tokens), d, dots)
+                    assert masked == overrides.get(key, plain)
+                    assert key not in overrides or masked != plain
+    for kind, n, d, dots in overrides:
+        assert kind in ("fwd", "bwd", "dq") and n in (64, 256) and d == 32 and dots in ("16-bit", "tf32", "ieee")
 
 
 @pytest.fixture
@@ -93,6 +117,29 @@ def test_float32_launches_follow_the_dot_precision(fp32_precision):
                 kw.configs("bwd", 64, 32, torch.float32, family, precision)
     assert tags == {"float32-tf32", "float32-ieee"} and len(keys) == 4
     assert dtype_tag(torch.bfloat16) == "bfloat16"
+
+
+def test_masked_window_launches_take_their_own_configs(monkeypatch):
+    """A window launch with an attention mask (HAS_MASK) takes the masked configs, and its tuned configs are
+    stored apart: a config tuned without a mask is not used with one, nor the reverse."""
+    qkv = _rand(1, 7, 7, 3 * 2 * 32)
+    assert kw._tuning("bwd", qkv, 49, 32).key != kw._tuning("bwd", qkv, 49, 32, True).key
+    assert kw._tuning("bwd", qkv, 49, 32).key == kw._tuning("bwd", qkv, 49, 32, False).key
+    assert kw._tuning("bwd", qkv, 49, 32, True).key.endswith("|mask1")
+    monkeypatch.setattr(kw, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(kw, "device_family", lambda device: "ampere")
+    for has_mask in (False, True):
+        assert kw._launch_config("bwd", qkv.bfloat16(), 49, 32, has_mask) == \
+            kw.configs("bwd", 49, 32, torch.bfloat16, "ampere", has_mask=has_mask)
+    assert kw._launch_config("bwd", qkv.bfloat16(), 49, 32, True) != kw._launch_config("bwd", qkv.bfloat16(), 49, 32)
+    # the launchers pass has_mask=mask is not None
+    seen = []
+    monkeypatch.setattr(kw, "launch", lambda kernel, key, config, run, **_: seen.append((key, config)))
+    table = _rand(13 * 13, 2)
+    mask = torch.zeros(1, 49, 49, device=DEVICE)
+    for m in (None, mask):
+        kw.window_attention_fwd(qkv, table, None, m, (7, 7), (0, 0), 2, 0.2, "timm")
+    assert [key[-1] for key, _ in seen] == [False, True]
 
 
 def _forced(monkeypatch, module, name, fails):
@@ -224,8 +271,9 @@ def test_ops_take_the_fast_path_when_nothing_fits(monkeypatch):
 @pytest.mark.skipif(ON_CUDA, reason="compiles for every target on the CPU; the GPU run checks its own card")
 def test_resource_tables_match_the_launchers_and_the_largest_configs_fit():
     """The CI guard: the committed per-target tables list exactly the configs the launchers pick (so a config
-    change without a new table fails), and the configs of each target with the most shared memory compile for
-    it within its shared-memory limit without a spill the table does not show."""
+    change without a new table fails, masked window launches included), and the configs of each target with the
+    most shared memory, and those with an attention mask, compile for it within its shared-memory limit without a
+    spill the table does not show."""
     archs = ["80", "86", "89", "90a", "100a", "120"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     command = [sys.executable, "-m", "fusedtx.bench.resources", "--arch", ",".join(archs), "--sample", "2",
