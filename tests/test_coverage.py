@@ -62,6 +62,10 @@ def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     """Swap ``model``; outputs, input gradient and every parameter gradient as stock's; ``fused_attention``
     attention modules fused, none left unlisted; unswap puts every method back."""
     model = model.to(DEVICE).train(train)
+    with torch.no_grad():  # a zero-initialized scale (timm's Swin V2 res-post-norms) mutes its whole branch
+        for n, p in model.named_parameters():
+            if n.endswith("weight") and p.dim() == 1 and not p.any():
+                p.uniform_(0.5, 1.5)
     stock_fwd = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
     # The stock model in float64 is the reference. A parameter whose gradient sums a whole map with
     # cancellation (Swin V2's logit scale) is ill-conditioned: stock float32 itself misses the float32 bound
@@ -70,6 +74,8 @@ def _check(model, x, fused_attention, train=True, grads=True, **swap_kwargs):
     ref_out, ref_grad, dy = _run(stock64, x.double(), grads=grads)
     assert ref_out.norm() > 0 and ref_grad.norm() > 0  # a zero-initialized head would make the check vacuous
     ref_params = {n: p.grad.clone() for n, p in stock64.named_parameters() if p.grad is not None}
+    # the attention's own parameters move the output (else its fused path would go unchecked)
+    assert not grads or any(g.norm() > 0 for n, g in ref_params.items() if "attn" in n or "attention" in n)
     stock_err = _stock_errors(model, x, dy, ref_params) if grads else {}
     report = swap(model, **swap_kwargs)
     done, total = report.coverage["attention"]
