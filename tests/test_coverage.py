@@ -3,7 +3,6 @@ coverage (random weights, tiny configs, no downloads)."""
 
 import copy
 import io
-import math
 
 import pytest
 import timm
@@ -16,7 +15,7 @@ import fusedtx
 from fusedtx.nn.attention import SDPARoute, sdpa
 from fusedtx.surgery import swap, unswap
 from tests.conftest import DEVICE
-from tests.helpers import STOCK_FACTOR, assert_close, dot_tolerance, rel_error
+from tests.helpers import ROUNDING_DRAWS, STOCK_FACTOR, assert_close, dot_tolerance, rel_error, ulp_moved
 
 TOL = dot_tolerance(torch.float32)
 
@@ -33,25 +32,18 @@ def _run(model, x, dy=None, grads=True):
     return out.detach(), x.grad, dy
 
 
-def _ulp_moved(t):
-    """``t`` with each element moved to a float32 neighbour or left, by a fair three-way draw."""
-    draw = torch.randint(0, 3, t.shape, device=t.device)
-    return torch.where(draw == 0, t, torch.nextafter(t, torch.where(draw == 1, math.inf, -math.inf).to(t)))
-
-
-def _stock_errors(model, x, dy, ref_params, draws=3):
-    """Per parameter, stock float32's largest gradient error against ``ref_params`` over ``draws`` runs: one on
-    the inputs as they are, the others with every weight and pixel moved by at most one float32 ulp. Stock's
-    error on one run is a single draw of rounding noise that scatters over an order of magnitude from run to
-    run on an ill-conditioned gradient; a lucky draw would make the bound stricter than float32 can hold."""
+def _stock_errors(model, x, dy, ref_params):
+    """Per parameter, stock float32's largest gradient error against ``ref_params`` over ROUNDING_DRAWS runs: one
+    on the inputs as they are, the others with every weight and pixel moved by at most one float32 ulp
+    (:func:`~tests.helpers.ulp_moved`): a lucky draw would make the bound stricter than float32 can hold."""
     errors = {}
-    for draw in range(draws):
+    for draw in range(ROUNDING_DRAWS):
         stock32 = copy.deepcopy(model)
         if draw:
             with torch.no_grad():
                 for p in stock32.parameters():
-                    p.copy_(_ulp_moved(p))
-        _run(stock32, _ulp_moved(x) if draw else x, dy.float())
+                    p.copy_(ulp_moved(p))
+        _run(stock32, ulp_moved(x) if draw else x, dy.float())
         for n, p in stock32.named_parameters():
             if n in ref_params:
                 errors[n] = max(errors.get(n, 0.0), rel_error(p.grad, ref_params[n]))
