@@ -280,6 +280,8 @@ def layer_norm_gelu_fwd(
     s = torch.empty_like(y) if residual is not None else None
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:  # nothing to normalize: no launch (the statistics of empty rows are never read)
+        return y, s, mean.zero_(), rstd.zero_()
     block_m, block_n, single, num_warps = _config(n, fwd_tile(x.element_size()))
     r = residual if residual is not None else x
     _layer_norm_gelu_fwd_kernel[(triton.cdiv(m, block_m),)](
@@ -307,6 +309,8 @@ def layer_norm_gelu_bwd(
     their parameters' dtypes (None where there is no parameter)."""
     m, n = x.shape
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if x.numel() == 0:  # nothing to launch: dx is empty and the parameters' gradients are zeros
+        return dx, *(torch.zeros_like(p) if p is not None else None for p in (weight, bias))
     block_m, block_n, single, num_warps = _config(n, BWD_TILE)
     programs = _num_programs(x.device, triton.cdiv(m, block_m))
     # Partials start at zero: the chunked path accumulates into them; a program with no rows adds nothing.

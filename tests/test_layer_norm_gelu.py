@@ -105,8 +105,16 @@ def test_non_contiguous_input(dtype):
 def test_leading_dims_and_empty():
     x, w, b, _ = _inputs(2 * 3 * 5, 40, torch.float32)
     _check(x.view(2, 3, 5, 40), w, b, None, "gelu", torch.float32)
-    empty = torch.randn(0, 40, device=DEVICE)
-    assert fusedtx.layer_norm_gelu(empty, w, b).shape == (0, 40)
+    # No rows, or rows of width 0: PyTorch's shapes, and zero gradients for the parameters (no launch).
+    for shape in ((0, 40), (2, 0, 40), (3, 0)):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        w, b = (torch.randn(shape[-1], device=DEVICE, requires_grad=True) for _ in range(2))
+        with fusedtx.use_backend("triton"):
+            y, s = fusedtx.layer_norm_gelu(x, w, b, residual=torch.randn(shape, device=DEVICE))
+            grads = torch.autograd.grad((y.sum() + s.sum()), (x, w, b))
+        assert y.shape == s.shape == shape
+        for g, t in zip(grads, (x, w, b), strict=True):
+            assert g.shape == t.shape and not g.any()
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="65,536+ programs of rows take minutes in Triton's CPU interpreter")

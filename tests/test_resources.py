@@ -268,6 +268,77 @@ def test_ops_take_the_fast_path_when_nothing_fits(monkeypatch):
         fusedtx.attention(q.detach(), k.detach(), v.detach())
 
 
+def _layer_norm_gelu_case():
+    from fusedtx import layer_norm_gelu, reference
+
+    x, w, b = _rand(3, 37, 40).requires_grad_(), _rand(40).requires_grad_(), _rand(40).requires_grad_()
+    out = layer_norm_gelu(x, w, b)
+    g = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (x, w, b), g)]  # the backward kernel fails too
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = reference.layer_norm_gelu(*leaves)
+    return got, [ref, *torch.autograd.grad(ref, leaves, g.double())]
+
+
+def _sinusoidal_case():
+    from fusedtx import add_sincos_2d, add_sinusoidal, reference
+
+    x, y = _rand(2, 1 + 5 * 7, 24), _rand(2, 29, 24)
+    return ([add_sincos_2d(x, 5, 7, 1), add_sinusoidal(y)],
+            [reference.add_sincos_2d(x.double(), 5, 7, 1), reference.add_sinusoidal(y.double())])
+
+
+def _highres_case():
+    from fusedtx import reference
+    from fusedtx.ops import highres as oh
+
+    images, tokens, pos = _rand(2, 3, 20, 28), _rand(2, 35, 24), _rand(1, 35, 24)
+    index = torch.stack([torch.randperm(35)[:9] for _ in range(2)])
+    a, b = _rand(2, 17, 24), _rand(2, 18, 24)
+    dst = torch.randint(0, 18, (2, 6))
+    sizes, src_sizes = torch.rand(2, 18) + 1, torch.rand(2, 6) + 1
+    got = [oh.patch_scores(images, 4), oh.gather_tokens(tokens, index, pos), *oh.match_tokens(a, b),
+           *oh.merge_weighted(b, sizes, a[:, :6], src_sizes, dst)]
+    want = [reference.patch_scores(images.double(), 4), reference.gather_tokens(tokens.double(), index, pos.double()),
+            *reference.match_tokens(a.double(), b.double()),
+            *reference.merge_weighted(b.double(), sizes.double(), a[:, :6].double(), src_sizes.double(), dst)]
+    return got, want
+
+
+@pytest.mark.parametrize(("family", "kernel_names", "ops", "case"), [
+    ("layer_norm_gelu", ["_layer_norm_gelu_fwd_kernel", "_layer_norm_gelu_bwd_kernel"], ["layer_norm_gelu"],
+     _layer_norm_gelu_case),
+    ("sinusoidal", ["_sinusoidal_kernel"], ["sinusoidal"], _sinusoidal_case),
+    ("highres", ["_patch_scores_kernel", "_gather_kernel", "_match_kernel", "_merge_kernel"],
+     ["patch_scores", "gather_tokens", "match_tokens", "merge_weighted"], _highres_case),
+])
+def test_every_family_takes_the_fast_path_when_its_kernel_cannot_launch(monkeypatch, family, kernel_names, ops, case):
+    """The families without a smaller config to retry (one config per shape) take the fast PyTorch path when
+    Triton raises OutOfResources at launch, with one warning per op, and give the float64 reference's
+    results; under ``triton`` the error is raised."""
+    import importlib
+
+    import fusedtx
+    from fusedtx import _backend
+
+    module = importlib.import_module(f"fusedtx.kernels.{family}")
+    calls = [_forced(monkeypatch, module, name, lambda kw_: True) for name in kernel_names]
+    monkeypatch.setattr(_backend, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, want = case()
+    assert all(calls), "every kernel was tried before the fallback"
+    for op in ops:
+        assert sum(f"fusedtx.{op}: no launch config" in str(w.message) for w in caught) == 1, op
+    for g, w in zip(got, want, strict=True):
+        if w.is_floating_point():
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(g, w)
+    with fusedtx.use_backend("triton"), pytest.raises(OutOfResources):
+        case()
+
+
 @pytest.mark.skipif(ON_CUDA, reason="compiles for every target on the CPU; the GPU run checks its own card")
 def test_resource_tables_match_the_launchers_and_the_largest_configs_fit():
     """The CI guard: the committed per-target tables list exactly the configs the launchers pick (so a config

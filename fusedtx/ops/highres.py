@@ -1,7 +1,7 @@
 """High-resolution inference's hot spots: patch scoring, token gather, bipartite matching, size-weighted merge.
 
 Four ops (``patch_scores``, ``gather_tokens``, ``match_tokens``, ``merge_weighted``), each a custom op with a
-fake giving the real strides and a Triton kernel behind ``fusedtx._backend.select``, and the two functional
+fake giving the real strides and a Triton kernel behind ``fusedtx.ops.common.try_kernel``, and the two functional
 pieces built on them that ``fusedtx.highres`` runs and users call directly:
 
 * :func:`select_patches`: the k most important patches of an image batch (variance or gradient energy);
@@ -23,6 +23,7 @@ from fusedtx.ops.common import (
     first_reason,
     implementation,
     kernels,
+    try_kernel,
     unsupported_dtype,
     vjp,
 )
@@ -48,10 +49,11 @@ def _check_index(name: str, index: Tensor, like: tuple[str, Tensor], shape: tupl
 def _patch_scores(images: Tensor, patch_size: int, method: str) -> Tensor:
     reason = first_reason(unsupported_dtype(images.dtype),
                           f"holds patches up to {HIGHRES_MAX_PATCH} pixels" if patch_size > HIGHRES_MAX_PATCH else None)
-    backend = _backend.select("patch_scores", images.device, reason)
-    if backend == "triton":
-        return kernels("highres").patch_scores(images, patch_size, method)
-    scores = implementation(backend).patch_scores(images, patch_size, method)
+    done, impl = try_kernel("patch_scores", images.device, reason,
+                            lambda: kernels("highres").patch_scores(images, patch_size, method))
+    if impl is None:
+        return done
+    scores = impl.patch_scores(images, patch_size, method)
     return scores.to(reference.compute_dtype(images.dtype)).contiguous()
 
 
@@ -85,10 +87,9 @@ def patch_scores(images: Tensor, patch_size: int, method: str = "variance") -> T
 
 @torch.library.custom_op("fusedtx::gather_tokens", mutates_args=())
 def _gather_tokens(tokens: Tensor, index: Tensor, pos: Tensor | None, prefix: Tensor | None) -> Tensor:
-    backend = _backend.select("gather_tokens", tokens.device, unsupported_dtype(tokens.dtype))
-    if backend == "triton":
-        return kernels("highres").gather_tokens(tokens, index, pos, prefix)
-    return implementation(backend).gather_tokens(tokens, index, pos, prefix).contiguous()
+    done, impl = try_kernel("gather_tokens", tokens.device, unsupported_dtype(tokens.dtype),
+                            lambda: kernels("highres").gather_tokens(tokens, index, pos, prefix))
+    return done if impl is None else impl.gather_tokens(tokens, index, pos, prefix).contiguous()
 
 
 @_gather_tokens.register_fake
@@ -161,10 +162,10 @@ def gather_tokens(tokens: Tensor, index: Tensor, pos: Tensor | None = None, pref
 def _match_tokens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     reason = first_reason(unsupported_dtype(a.dtype), f"compares rows of up to {HIGHRES_MAX_MATCH_DIM} features"
                           if a.shape[-1] > HIGHRES_MAX_MATCH_DIM else None)
-    backend = _backend.select("match_tokens", a.device, reason)
-    if backend == "triton":
-        return kernels("highres").match_tokens(a, b)
-    score, index = implementation(backend).match_tokens(a, b)
+    done, impl = try_kernel("match_tokens", a.device, reason, lambda: kernels("highres").match_tokens(a, b))
+    if impl is None:
+        return done
+    score, index = impl.match_tokens(a, b)
     return score.to(reference.compute_dtype(a.dtype)).contiguous(), index.long().contiguous()
 
 
@@ -198,10 +199,11 @@ def match_tokens(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("fusedtx::merge_weighted", mutates_args=())
 def _merge_weighted(xb: Tensor, sb: Tensor, xs: Tensor, ss: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
-    backend = _backend.select("merge_weighted", xb.device, unsupported_dtype(xb.dtype))
-    if backend == "triton":
-        return kernels("highres").merge_weighted(xb, sb, xs, ss, dst)
-    x, s = implementation(backend).merge_weighted(xb, sb, xs, ss, dst)
+    done, impl = try_kernel("merge_weighted", xb.device, unsupported_dtype(xb.dtype),
+                            lambda: kernels("highres").merge_weighted(xb, sb, xs, ss, dst))
+    if impl is None:
+        return done
+    x, s = impl.merge_weighted(xb, sb, xs, ss, dst)
     return x.contiguous(), s.contiguous()
 
 

@@ -7,8 +7,8 @@ import functools
 import torch
 from torch import Tensor
 
-from fusedtx import _backend, reference
-from fusedtx.ops.common import call, check_tensor, implementation, kernels, or_empty, unsupported_dtype, vjp
+from fusedtx import reference
+from fusedtx.ops.common import call, check_tensor, kernels, or_empty, try_kernel, unsupported_dtype, vjp
 
 
 def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, eps: float,
@@ -18,15 +18,15 @@ def _forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Te
     a backward reads, and return None for them: ``F.layer_norm`` instead of ``native_layer_norm``."""
     n = x.shape[-1]
     stats_shape = x.shape[:-1]
-    backend = _backend.select("layer_norm_gelu", x.device, unsupported_dtype(x.dtype))
-    if backend == "triton" and x.numel() > 0:
-        r2 = residual.reshape(-1, n) if residual is not None else None
-        y, s, mean, rstd = kernels("layer_norm_gelu").layer_norm_gelu_fwd(
-            x.reshape(-1, n), weight, bias, r2, eps, activation
-        )
+    rows = stats_shape.numel()
+    r2 = residual.reshape(rows, n) if residual is not None else None
+    done, impl = try_kernel("layer_norm_gelu", x.device, unsupported_dtype(x.dtype),
+                            lambda: kernels("layer_norm_gelu").layer_norm_gelu_fwd(
+                                x.reshape(rows, n), weight, bias, r2, eps, activation))
+    if impl is None:
+        y, s, mean, rstd = done
         s = s.view(x.shape) if s is not None else x.new_empty(0)
         return y.view(x.shape), s, mean.view(stats_shape), rstd.view(stats_shape)
-    impl = implementation(backend)
     if not stats:
         out = impl.layer_norm_gelu(x, weight, bias, eps, activation, residual)
         y, s = out if residual is not None else (out, x.new_empty(0))
@@ -61,16 +61,15 @@ def _layer_norm_gelu_bwd(
 
     ``normed`` is what the forward normalized: x, or the residual sum (whose gradient, ``ds``, is added
     to dx)."""
-    n = normed.shape[-1]
-    backend = _backend.select("layer_norm_gelu", normed.device, unsupported_dtype(normed.dtype))
-    if backend == "triton" and normed.numel() > 0:
-        dx, dw, db = kernels("layer_norm_gelu").layer_norm_gelu_bwd(
-            dy.reshape(-1, n), ds.reshape(-1, n) if ds is not None else None, normed.reshape(-1, n),
-            weight, bias, mean.reshape(-1), rstd.reshape(-1), activation,
-        )
+    shape = (normed.shape[:-1].numel(), normed.shape[-1])
+    done, impl = try_kernel("layer_norm_gelu", normed.device, unsupported_dtype(normed.dtype),
+                            lambda: kernels("layer_norm_gelu").layer_norm_gelu_bwd(
+                                dy.reshape(shape), ds.reshape(shape) if ds is not None else None,
+                                normed.reshape(shape), weight, bias, mean.reshape(-1), rstd.reshape(-1), activation))
+    if impl is None:
+        dx, dw, db = done
         dx = dx.view(normed.shape)
     else:
-        impl = implementation(backend)
         dx, dw, db = vjp(lambda x, w, b: impl.layer_norm_gelu(x, w, b, eps, activation),
                          (normed, weight, bias), (True, weight is not None, bias is not None), dy)
         if ds is not None:

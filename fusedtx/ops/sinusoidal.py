@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedtx import _backend, fastpath, reference
+from fusedtx import fastpath, reference
 from fusedtx.kernels.support import SINCOS_2D_MAX_CELLS
-from fusedtx.ops.common import call, check_count, check_dtype, check_tensor, kernels, unsupported_dtype
+from fusedtx.ops.common import call, check_count, check_dtype, check_tensor, kernels, try_kernel, unsupported_dtype
 
 
 def check_encoding_args(dim, multiple: int, base, layout: str, layouts: tuple[str, ...]) -> None:
@@ -59,10 +59,12 @@ def _sinusoidal_encoding(
     length: int, dim: int, positions: Tensor | None, offset: int, base: float, layout: str,
     dtype: torch.dtype, device: torch.device,
 ) -> Tensor:
-    backend = _backend.select("sinusoidal", device, unsupported_dtype(dtype))
-    if backend == "triton":
-        return kernels("sinusoidal").sinusoidal_1d(None, positions, length, dim, offset, base, layout, dtype, device)
-    if backend == "torch":
+    done, impl = try_kernel("sinusoidal", device, unsupported_dtype(dtype),
+                            lambda: kernels("sinusoidal").sinusoidal_1d(None, positions, length, dim, offset, base,
+                                                                        layout, dtype, device))
+    if impl is None:
+        return done
+    if impl is fastpath:
         return fastpath.sinusoidal_encoding(length, dim, positions, offset, base, layout, dtype, device)
     # The reference in float64, rounded once: exact at any position (a float32 one is not; see the tests).
     pe = reference.sinusoidal_encoding(length, dim, positions, offset, base, layout, torch.float64, device)
@@ -80,11 +82,12 @@ def _sincos_2d(
     grid_h: int, grid_w: int, dim: int, num_prefix_tokens: int, base: float, layout: str,
     dtype: torch.dtype, device: torch.device,
 ) -> Tensor:
-    backend = _backend.select("sinusoidal", device, _sincos_2d_unsupported(dtype, grid_h * grid_w))
-    if backend == "triton":
-        return kernels("sinusoidal").sincos_2d(None, grid_h, grid_w, dim, num_prefix_tokens, base, layout,
-                                                dtype, device)
-    if backend == "torch":
+    done, impl = try_kernel("sinusoidal", device, _sincos_2d_unsupported(dtype, grid_h * grid_w),
+                            lambda: kernels("sinusoidal").sincos_2d(None, grid_h, grid_w, dim, num_prefix_tokens, base,
+                                                                    layout, dtype, device))
+    if impl is None:
+        return done
+    if impl is fastpath:
         return fastpath.sincos_2d(grid_h, grid_w, dim, base, num_prefix_tokens, layout, dtype, device)
     pe = reference.sincos_2d(grid_h, grid_w, dim, base, num_prefix_tokens, layout, torch.float64, device)
     return pe.to(dtype)
@@ -98,12 +101,13 @@ def _(grid_h, grid_w, dim, num_prefix_tokens, base, layout, dtype, device):
 @torch.library.custom_op("fusedtx::add_sinusoidal", mutates_args=())
 def _add_sinusoidal(x: Tensor, positions: Tensor | None, offset: int, base: float, layout: str) -> Tensor:
     """x + PE as a new contiguous tensor of x's shape and dtype."""
-    backend = _backend.select("sinusoidal", x.device, unsupported_dtype(x.dtype))
-    if backend == "triton":
-        _, seq, dim = x.shape
-        return kernels("sinusoidal").sinusoidal_1d(x, positions, seq, dim, offset, base, layout, x.dtype,
-                                                    x.device)
-    if backend == "torch":
+    _, seq, dim = x.shape
+    done, impl = try_kernel("sinusoidal", x.device, unsupported_dtype(x.dtype),
+                            lambda: kernels("sinusoidal").sinusoidal_1d(x, positions, seq, dim, offset, base, layout,
+                                                                        x.dtype, x.device))
+    if impl is None:
+        return done
+    if impl is fastpath:
         return fastpath.add_sinusoidal(x, positions, offset, base, layout)
     out = reference.add_sinusoidal(x.to(torch.float64), positions, offset, base, layout)
     return out.to(x.dtype).contiguous()  # for float64 x, .to() is x's own layout: the fake says contiguous
@@ -117,11 +121,12 @@ def _(x, positions, offset, base, layout):
 @torch.library.custom_op("fusedtx::add_sincos_2d", mutates_args=())
 def _add_sincos_2d(x: Tensor, grid_h: int, grid_w: int, num_prefix_tokens: int, base: float, layout: str) -> Tensor:
     """x + the 2D encoding as a new contiguous tensor of x's shape and dtype."""
-    backend = _backend.select("sinusoidal", x.device, _sincos_2d_unsupported(x.dtype, grid_h * grid_w))
-    if backend == "triton":
-        return kernels("sinusoidal").sincos_2d(x, grid_h, grid_w, x.shape[2], num_prefix_tokens, base, layout,
-                                                x.dtype, x.device)
-    if backend == "torch":
+    done, impl = try_kernel("sinusoidal", x.device, _sincos_2d_unsupported(x.dtype, grid_h * grid_w),
+                            lambda: kernels("sinusoidal").sincos_2d(x, grid_h, grid_w, x.shape[2], num_prefix_tokens,
+                                                                    base, layout, x.dtype, x.device))
+    if impl is None:
+        return done
+    if impl is fastpath:
         return fastpath.add_sincos_2d(x, grid_h, grid_w, num_prefix_tokens, base, layout)
     out = reference.add_sincos_2d(x.to(torch.float64), grid_h, grid_w, num_prefix_tokens, base, layout)
     return out.to(x.dtype).contiguous()  # for float64 x, .to() is x's own layout: the fake says contiguous
