@@ -293,10 +293,10 @@ def _highres_case():
     from fusedtx.ops import highres as oh
 
     images, tokens, pos = _rand(2, 3, 20, 28), _rand(2, 35, 24), _rand(1, 35, 24)
-    index = torch.stack([torch.randperm(35)[:9] for _ in range(2)])
+    index = torch.stack([torch.randperm(35)[:9] for _ in range(2)]).to(DEVICE)
     a, b = _rand(2, 17, 24), _rand(2, 18, 24)
-    dst = torch.randint(0, 18, (2, 6))
-    sizes, src_sizes = torch.rand(2, 18) + 1, torch.rand(2, 6) + 1
+    dst = torch.randint(0, 18, (2, 6), device=DEVICE)
+    sizes, src_sizes = _rand(2, 18).abs() + 1, _rand(2, 6).abs() + 1
     got = [oh.patch_scores(images, 4), oh.gather_tokens(tokens, index, pos), *oh.match_tokens(a, b),
            *oh.merge_weighted(b, sizes, a[:, :6], src_sizes, dst)]
     want = [reference.patch_scores(images.double(), 4), reference.gather_tokens(tokens.double(), index, pos.double()),
