@@ -1,5 +1,6 @@
 """highres: the four ops against float64 references on odd sizes (kernels in the interpreter on CPU), the
-functional pieces' mechanisms, and every strategy end to end on tiny timm and Hugging Face ViTs."""
+functional pieces' mechanisms, and every strategy end to end on tiny timm (ViT, distilled DeiT) and Hugging Face
+ViTs."""
 
 import pytest
 import torch
@@ -181,6 +182,21 @@ def timm_vit():
 
 
 @pytest.fixture(scope="module")
+def deit_vit():
+    """A distilled DeiT: two prefix tokens (class and distillation) and two heads, averaged in eval."""
+    pytest.importorskip("timm")
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=7,
+                                      dynamic_img_size=True).eval()
+
+
+@pytest.fixture(scope="module")
+def vits(timm_vit, deit_vit, hf_vit):
+    return {"timm": timm_vit, "deit": deit_vit, "hf": hf_vit}
+
+
+@pytest.fixture(scope="module")
 def hf_vit():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
@@ -198,20 +214,20 @@ def _stock(model, images):
     return model(images)
 
 
-@pytest.mark.parametrize("which", ["timm", "hf"])
+@pytest.mark.parametrize("which", ["timm", "deit", "hf"])
 @pytest.mark.parametrize("strategy,settings", [("full", {}), ("select", {"k": 1.0}), ("select", {"k": 48}),
                                                ("merge", {"r": 0}), ("select", {"k": 1.0, "score": "attention"})])
-def test_keeping_every_token_equals_the_stock_model(which, strategy, settings, timm_vit, hf_vit):
-    model = timm_vit if which == "timm" else hf_vit
+def test_keeping_every_token_equals_the_stock_model(which, strategy, settings, vits):
+    model = vits[which]
     images = torch.randn(2, 3, 64, 48)
     with torch.inference_mode():
         torch.testing.assert_close(_logits(highres.apply(model, strategy, **settings)(images)), _stock(model, images))
 
 
-@pytest.mark.parametrize("which", ["timm", "hf"])
-def test_split_blocks_equal_the_stock_blocks(which, timm_vit, hf_vit):
+@pytest.mark.parametrize("which", ["timm", "deit", "hf"])
+def test_split_blocks_equal_the_stock_blocks(which, vits):
     """The merge path's attention half + MLP half is the stock block (so merging changes only the merge)."""
-    ad = highres.models.adapter_for(timm_vit if which == "timm" else hf_vit)
+    ad = highres.models.adapter_for(vits[which])
     x = torch.randn(2, 17, 32)
     with torch.inference_mode():
         y, metric, cls = ad.attention_part(1, x, None, True)
@@ -220,13 +236,15 @@ def test_split_blocks_equal_the_stock_blocks(which, timm_vit, hf_vit):
     torch.testing.assert_close(cls.sum(-1), torch.ones(2))
 
 
-@pytest.mark.parametrize("which", ["timm", "hf"])
-@pytest.mark.parametrize("strategy,settings,tokens", [
-    ("resize", {}, 17), ("tiles", {"stride": 16}, 6 * 17), ("select", {"k": 0.25}, 13),
-    ("select", {"k": 5, "score": "gradient"}, 6), ("select", {"k": 5, "score": "attention", "layer": 1}, 49),
-    ("merge", {"r": 6}, 49), ("merge", {"r": [10, 0, 4], "proportional": False}, 49)])
-def test_every_strategy_runs(which, strategy, settings, tokens, timm_vit, hf_vit):
-    model = timm_vit if which == "timm" else hf_vit
+@pytest.mark.parametrize("which", ["timm", "deit", "hf"])
+@pytest.mark.parametrize("strategy,settings,patches,crops", [
+    ("resize", {}, 16, 1), ("tiles", {"stride": 16}, 16, 6), ("select", {"k": 0.25}, 12, 1),
+    ("select", {"k": 5, "score": "gradient"}, 5, 1), ("select", {"k": 5, "score": "attention", "layer": 1}, 48, 1),
+    ("merge", {"r": 6}, 48, 1), ("merge", {"r": [10, 0, 4], "proportional": False}, 48, 1)])
+def test_every_strategy_runs(which, strategy, settings, patches, crops, vits):
+    """A 64x48 image (48 patches of 8; native 32x32, 16 patches): every strategy's output and the tokens its
+    first block sees (``patches`` per crop plus the model's prefix tokens, for each of ``crops`` crops)."""
+    model = vits[which]
     hm = highres.apply(model, strategy, **settings)
     images = torch.randn(2, 3, 64, 48)
     with torch.inference_mode(), fusedtx.use_backend("torch"):  # the kernels' own run: the next test
@@ -235,7 +253,7 @@ def test_every_strategy_runs(which, strategy, settings, tokens, timm_vit, hf_vit
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     torch.testing.assert_close(logits, out)
     assert pooled.shape == (2, 32)
-    assert hm.tokens(64, 48) == tokens
+    assert hm.tokens(64, 48) == crops * (patches + (2 if which == "deit" else 1))
 
 
 def test_sincos_positions_from_patch_coordinates(timm_vit):
