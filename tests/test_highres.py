@@ -256,6 +256,24 @@ def test_every_strategy_runs(which, strategy, settings, patches, crops, vits):
     assert hm.tokens(64, 48) == crops * (patches + (2 if which == "deit" else 1))
 
 
+def test_every_strategy_runs_in_bfloat16(timm_vit):
+    """bfloat16 models (the GPU profile's dtype) on the fast PyTorch path: the resizes run in float32 (PyTorch has
+    no bfloat16 CPU kernel for the antialiased one) and every strategy's logits follow the float32 model's."""
+    import copy
+
+    half = copy.deepcopy(timm_vit).to(torch.bfloat16)
+    images = torch.randn(2, 3, 64, 48)
+    cases = [("resize", {}, images), ("tiles", {}, images[..., :24, :]),  # tiles: an image below native size
+             ("select", {"k": 0.5}, images), ("select", {"k": 9, "score": "attention"}, images),
+             ("merge", {"r": 6}, images)]
+    with torch.inference_mode(), fusedtx.use_backend("torch"):
+        for strategy, settings, x in cases:
+            got = highres.apply(half, strategy, **settings)(x.to(torch.bfloat16))
+            want = highres.apply(timm_vit, strategy, **settings)(x)
+            assert got.dtype == torch.bfloat16, strategy
+            torch.testing.assert_close(got.float(), want, rtol=0.1, atol=0.1, msg=strategy)
+
+
 def test_sincos_positions_from_patch_coordinates(timm_vit):
     """pos="sincos" on a model with a 2D sin-cos table: at a grid 4x its native one, every strategy adds the
     exact encodings of the patches it keeps, as a model built natively at that grid with the exact table

@@ -175,7 +175,7 @@ class HighResModel(nn.Module):
             return self._run_hybrid(images)
         ad = self._adapter
         if self.strategy == "resize":
-            images = F.interpolate(images, size=ad.native_size, mode="bilinear", align_corners=False, antialias=True)
+            images = _resize(images, ad.native_size, antialias=True)
         elif self.strategy == "tiles":
             return self._run_tiles(images)
         ph, pw = ad.patch_size
@@ -189,8 +189,7 @@ class HighResModel(nn.Module):
         th, tw = ad.native_size
         boxes = tile_boxes(tuple(images.shape[-2:]), ad.native_size, self.settings["stride"])
         if images.shape[-2] < th or images.shape[-1] < tw:
-            images = F.interpolate(images, size=(max(th, images.shape[-2]), max(tw, images.shape[-1])),
-                                   mode="bilinear", align_corners=False)
+            images = _resize(images, (max(th, images.shape[-2]), max(tw, images.shape[-1])), antialias=False)
         crops = torch.stack([images[:, :, y:y + th, x:x + tw] for y, x in boxes], dim=1)  # (B, T, C, th, tw)
         b, t = crops.shape[:2]
         x, pooled, logits = self._run_tokens(crops.flatten(0, 1))
@@ -263,6 +262,13 @@ class HighResModel(nn.Module):
             probe = torch.zeros(1, 3, height, width, device=next(m.parameters()).device,
                                 dtype=next(m.parameters()).dtype)
             return int(m.patch_embed(probe).flatten(1, -2).shape[1]) + int(m.num_prefix_tokens)
+
+
+def _resize(images: Tensor, size: tuple[int, int], antialias: bool) -> Tensor:
+    """Bilinear resize computed in float32 (PyTorch's antialiased resize has no bfloat16 CPU kernel), returned in
+    the images' dtype."""
+    out = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    return out.to(images.dtype)
 
 
 def _evit_keep(x: Tensor, cls: Tensor, keep: int, p: int) -> Tensor:
