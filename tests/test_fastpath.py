@@ -10,7 +10,7 @@ import torch
 import fusedtx
 from fusedtx import fastpath, reference
 from tests.conftest import DEVICE
-from tests.helpers import assert_close
+from tests.helpers import ROUNDING_DRAWS, STOCK_FACTOR, assert_close, rel_error, ulp_moved
 
 DTYPES = [torch.float32, torch.float16]  # the fast path runs PyTorch's own kernels: no interpreter caveat
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -157,9 +157,24 @@ def test_cosine_window_attention(dtype, size, window, shift, windows):
                                      cosine_scale=leaves64[2].clamp(max=math.log(100)).exp().flatten())
     assert_close(out, ref, dtype, "out", tol=TOL[dtype])
     g = torch.randn_like(ref)
-    for name, got, want in zip(("dqkv", "dtable", "dlogit_scale"), _grads(out, (qkv, table, logit_scale), g),
-                               _grads(ref, tuple(leaves64), g), strict=True):
-        assert_close(got, want, dtype, name, tol=8 * TOL[dtype])
+
+    def ref_grads(qkv64, table64):
+        leaves = [qkv64.requires_grad_(True), table64.requires_grad_(True), leaves64[2].detach().requires_grad_(True)]
+        out64 = reference.window_attention(leaves[0], (window, window), (shift, shift), leaves[1], heads,
+                                           mask=None if mask is None else mask.double(),
+                                           cosine_scale=leaves[2].clamp(max=math.log(100)).exp().flatten())
+        return _grads(out64, tuple(leaves), g)
+
+    wants = ref_grads(*(t.detach().double() for t in (qkv, table)))
+    # The logit scale's gradient sums whole windows with cancellation: on some draws the exact gradient itself
+    # moves by several percent when the inputs move by one ulp of their dtype. It may err STOCK_FACTOR times
+    # the largest such move of ROUNDING_DRAWS (float64 throughout: a property of the inputs, not of the path).
+    moved = [ref_grads(*(ulp_moved(t.detach()).double() for t in (qkv, table)))[2] for _ in range(ROUNDING_DRAWS)]
+    conditioning = max(rel_error(m, wants[2]) for m in moved)
+    tols = (8 * TOL[dtype], 8 * TOL[dtype], max(8 * TOL[dtype], STOCK_FACTOR * conditioning))
+    for name, got, want, tol in zip(("dqkv", "dtable", "dlogit_scale"), _grads(out, (qkv, table, logit_scale), g),
+                                    wants, tols, strict=True):
+        assert_close(got, want, dtype, name, tol=tol)
     before = qkv.detach().clone()
     with torch.inference_mode():
         assert torch.equal(fusedtx.window_attention(qkv.detach(), rel_pos_bias_table=table.detach(),
