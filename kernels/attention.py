@@ -498,13 +498,15 @@ def _tuning(kind: str, q: torch.Tensor, has_bias: bool = False) -> Tuning:
     return Tuning(q.device, key, tuple(candidates(kind, d, q.dtype, has_bias, family)))
 
 
-def _launch_config(kind: str, q: torch.Tensor, has_bias: bool = False) -> tuple[int, int, int, int]:
-    """The config a launch on ``q``'s device starts from: its tuned one (``fusedtx tune``), else the table's."""
+def _launch_config(kind: str, q: torch.Tensor, has_bias: bool = False,
+                   tuning: Tuning | None = None) -> tuple[int, int, int, int]:
+    """The config a launch on ``q``'s device starts from: its tuned one (``fusedtx tune``), else the table's.
+    ``tuning``: the launch's :func:`_tuning`, where the caller has it already."""
     if interpreter_enabled():
         default = _INTERPRETER_CONFIG[kind]
     else:
         default = configs(kind, q.shape[-1], q.dtype, has_bias, device_family(q.device))
-    return tuned_or(q.device, _tuning(kind, q, has_bias).key, default)
+    return tuned_or(q.device, (tuning or _tuning(kind, q, has_bias)).key, default)
 
 
 def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
@@ -554,8 +556,9 @@ def attention_fwd(
         )
 
     has_bias = bias is not None
-    launch("attention fwd", (d, dtype_tag(q.dtype), has_bias), _launch_config("fwd", q, has_bias), run,
-           tuning=_tuning("fwd", q, has_bias))
+    tuning = _tuning("fwd", q, has_bias)
+    launch("attention fwd", (d, dtype_tag(q.dtype), has_bias), _launch_config("fwd", q, has_bias, tuning), run,
+           tuning=tuning)
     return out, lse
 
 
@@ -595,7 +598,8 @@ def attention_bwd(
 
     delta = torch.empty((bsz, heads, nq), dtype=torch.float32, device=q.device)
     has_bias = bias is not None
-    dq_config = _launch_config("dq", q, has_bias)
+    dq_tuning = _tuning("dq", q, has_bias)
+    dq_config = _launch_config("dq", q, has_bias, dq_tuning)
     dq_block_m, dq_warps = dq_config[0], dq_config[2]  # the delta pass shares dq's query blocks
     n_qblocks = triton.cdiv(nq, dq_block_m)
     _attn_bwd_delta_kernel[(bsz * heads * n_qblocks,)](
@@ -614,8 +618,8 @@ def attention_bwd(
                 **common,
             )
 
-        launch("attention dkdv", key, _launch_config("dkdv", q, has_bias), run_dkdv,
-               tuning=_tuning("dkdv", q, has_bias))
+        tuning = _tuning("dkdv", q, has_bias)
+        launch("attention dkdv", key, _launch_config("dkdv", q, has_bias, tuning), run_dkdv, tuning=tuning)
 
     def run_dq(config):
         block_m, block_n, warps, stages = config
@@ -627,7 +631,7 @@ def attention_bwd(
             **common,
         )
 
-    launch("attention dq", key, dq_config, run_dq, tuning=_tuning("dq", q, has_bias))
+    launch("attention dq", key, dq_config, run_dq, tuning=dq_tuning)
     if dbias is not None and dbias.numel() > 0:
         if bias.shape[3] == 1:
             dbias.zero_()  # a bias constant along the keys shifts every score of a row: no gradient
@@ -650,6 +654,6 @@ def attention_bwd(
                     **common,
                 )
 
-            launch("attention dbias", key, _launch_config("dbias", q, True), run_dbias,
-                   tuning=_tuning("dbias", q, True))
+            tuning = _tuning("dbias", q, True)
+            launch("attention dbias", key, _launch_config("dbias", q, True, tuning), run_dbias, tuning=tuning)
     return dq, dk, dv, dbias

@@ -618,12 +618,14 @@ def _tuning(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int, has_mask: 
     return Tuning(qkv.device, key, tuple(candidates(kind, tokens, head_dim, qkv.dtype, family, has_mask=has_mask)))
 
 
-def _launch_config(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int,
-                   has_mask: bool = False) -> tuple[int, int, int, int]:
-    """The config a launch on ``qkv``'s device starts from: its tuned one (``fusedtx tune``), else the table's."""
+def _launch_config(kind: str, qkv: torch.Tensor, tokens: int, head_dim: int, has_mask: bool = False,
+                   tuning: Tuning | None = None) -> tuple[int, int, int, int]:
+    """The config a launch on ``qkv``'s device starts from: its tuned one (``fusedtx tune``), else the table's.
+    ``tuning``: the launch's :func:`_tuning`, where the caller has it already."""
     family = None if interpreter_enabled() else device_family(qkv.device)
     default = configs(kind, tokens, head_dim, qkv.dtype, family, has_mask=has_mask)
-    return tuned_or(qkv.device, _tuning(kind, qkv, tokens, head_dim, has_mask).key, default)
+    key = (tuning or _tuning(kind, qkv, tokens, head_dim, has_mask)).key
+    return tuned_or(qkv.device, key, default)
 
 
 def _groups(device: torch.device, windows: int, per_window_programs: int) -> tuple[int, int]:
@@ -683,9 +685,9 @@ def window_attention_fwd(qkv, table, qkv_bias, mask, window_size, shift_size, nu
         )
 
     has_mask = mask is not None
+    tuning = _tuning("fwd", qkv, tokens, head_dim, has_mask)
     launch("window_attention fwd", (tokens, head_dim, dtype_tag(qkv.dtype), has_mask),
-           _launch_config("fwd", qkv, tokens, head_dim, has_mask), run,
-           tuning=_tuning("fwd", qkv, tokens, head_dim, has_mask))
+           _launch_config("fwd", qkv, tokens, head_dim, has_mask, tuning), run, tuning=tuning)
     return out, lse
 
 
@@ -728,9 +730,10 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
         )
         return bq, n_kblocks, dbias, dfill, dscales
 
+    tuning = _tuning("bwd", qkv, tokens, head_dim, has_mask)
     bq, n_kblocks, dbias, dfill, dscales = launch("window_attention bwd", key,
-                                                  _launch_config("bwd", qkv, tokens, head_dim, has_mask), run,
-                                                  fixed_m=True, tuning=_tuning("bwd", qkv, tokens, head_dim, has_mask))
+                                                  _launch_config("bwd", qkv, tokens, head_dim, has_mask, tuning), run,
+                                                  fixed_m=True, tuning=tuning)
     if n_kblocks > 1:
         def run_dq(config):
             block_m, block_n, warps, stages = config
@@ -739,8 +742,9 @@ def window_attention_bwd(dout, qkv, table, qkv_bias, mask, out, lse, window_size
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **consts,
             )
 
-        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim, has_mask), run_dq,
-               tuning=_tuning("dq", qkv, tokens, head_dim, has_mask))
+        tuning = _tuning("dq", qkv, tokens, head_dim, has_mask)
+        launch("window_attention dq", key, _launch_config("dq", qkv, tokens, head_dim, has_mask, tuning), run_dq,
+               tuning=tuning)
     dtable = None
     if table_grad:
         dtable = table.new_empty(table.shape)
