@@ -105,9 +105,10 @@ def try_kernel(op: str, device: torch.device, reason: str | None,
                kernel: Callable[[], T]) -> tuple[T | None, ModuleType | None]:
     """``(kernel(), None)`` when the backend in force for a call of ``op`` (``_backend.select``; ``reason`` as
     there) is Triton and a launch config fits; otherwise ``(None, module)``, the module that computes the call
-    instead (:func:`implementation`). Where the launch guard found no config that fits the GPU (Triton's
-    ``OutOfResources`` after every smaller one), that is the fast path, with one warning per op, so that a
-    resource limit never breaks a user's model."""
+    instead (:func:`implementation`). Where Triton raised ``OutOfResources`` at launch (for attention and window
+    attention, after their launch guard tried every smaller config; the other families have one config per
+    shape), that is the fast path, with one warning per op, so that a resource limit never breaks a user's
+    model."""
     backend = _backend.select(op, device, reason)
     if backend == "triton":
         try:

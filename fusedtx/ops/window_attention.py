@@ -71,9 +71,8 @@ def _window_attention_fwd(
                                 cosine_scale))
     if impl is None:
         return done
-    out, lse = impl.window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias,
-                                                        scale, order, mask, return_lse=True,
-                                                        cosine_scale=cosine_scale)
+    out, lse = impl.window_attention(qkv, window_size, shift_size, table, num_heads, qkv_bias, scale, order, mask,
+                                     return_lse=True, cosine_scale=cosine_scale)
     return out.contiguous(), lse.float().contiguous()
 
 
