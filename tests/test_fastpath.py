@@ -151,25 +151,24 @@ def test_cosine_window_attention(dtype, size, window, shift, windows):
     mask = torch.randn(windows, window**2, window**2, device=DEVICE) if windows else None
     kw = dict(window_size=window, shift_size=shift, num_heads=heads, mask=mask)
     out = fusedtx.window_attention(qkv, rel_pos_bias_table=table, logit_scale=logit_scale, **kw)
-    leaves64 = [t.detach().double().requires_grad_(True) for t in (qkv, table, logit_scale)]
-    ref = reference.window_attention(leaves64[0], (window, window), (shift, shift), leaves64[1], heads,
-                                     mask=None if mask is None else mask.double(),
-                                     cosine_scale=leaves64[2].clamp(max=math.log(100)).exp().flatten())
+
+    def ref_run(qkv64, table64):
+        """The float64 reference on these inputs, and its leaves (qkv, table, logit scale)."""
+        leaves = [qkv64.requires_grad_(True), table64.requires_grad_(True),
+                  logit_scale.detach().double().requires_grad_(True)]
+        return reference.window_attention(leaves[0], (window, window), (shift, shift), leaves[1], heads,
+                                          mask=None if mask is None else mask.double(),
+                                          cosine_scale=leaves[2].clamp(max=math.log(100)).exp().flatten()), leaves
+
+    ref, leaves64 = ref_run(*(t.detach().double() for t in (qkv, table)))
     assert_close(out, ref, dtype, "out", tol=TOL[dtype])
     g = torch.randn_like(ref)
-
-    def ref_grads(qkv64, table64):
-        leaves = [qkv64.requires_grad_(True), table64.requires_grad_(True), leaves64[2].detach().requires_grad_(True)]
-        out64 = reference.window_attention(leaves[0], (window, window), (shift, shift), leaves[1], heads,
-                                           mask=None if mask is None else mask.double(),
-                                           cosine_scale=leaves[2].clamp(max=math.log(100)).exp().flatten())
-        return _grads(out64, tuple(leaves), g)
-
-    wants = ref_grads(*(t.detach().double() for t in (qkv, table)))
+    wants = _grads(ref, tuple(leaves64), g)
     # The logit scale's gradient sums whole windows with cancellation: on some draws the exact gradient itself
     # moves by several percent when the inputs move by one ulp of their dtype. It may err STOCK_FACTOR times
     # the largest such move of ROUNDING_DRAWS (float64 throughout: a property of the inputs, not of the path).
-    moved = [ref_grads(*(ulp_moved(t.detach()).double() for t in (qkv, table)))[2] for _ in range(ROUNDING_DRAWS)]
+    moved = [_grads(*ref_run(*(ulp_moved(t.detach()).double() for t in (qkv, table))), g)[2]
+             for _ in range(ROUNDING_DRAWS)]
     conditioning = max(rel_error(m, wants[2]) for m in moved)
     tols = (8 * TOL[dtype], 8 * TOL[dtype], max(8 * TOL[dtype], STOCK_FACTOR * conditioning))
     for name, got, want, tol in zip(("dqkv", "dtable", "dlogit_scale"), _grads(out, (qkv, table, logit_scale), g),
