@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from fusedtx import reference
 from fusedtx.check import BOUNDS, TF32_BOUND
 from tests.conftest import ON_CUDA
 
@@ -54,6 +55,26 @@ def ulp_moved(t: torch.Tensor) -> torch.Tensor:
     same inputs rounded differently, to sample a computation's rounding noise again."""
     draw = torch.randint(0, 3, t.shape, device=t.device)
     return torch.where(draw == 0, t, torch.nextafter(t, torch.where(draw == 1, math.inf, -math.inf).to(t)))
+
+
+# How close to a ReLU's kink a LayerNorm output may lie in a ReLU test, and how far a bias column moves away.
+KINK_MARGIN, KINK_STEP = 1e-4, 0.01
+
+
+def away_from_relu_kink(s: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``bias`` with each column where some row of the LayerNorm output z = xhat·weight + bias of ``s`` lies
+    within KINK_MARGIN of 0 moved by KINK_STEP (in bias's dtype), until none does. At the kink a ReLU's derivative
+    jumps from 0 to 1, and a float32 z and the float64 reference's fall on either side when z is within rounding
+    of 0: their gradients then differ by a whole element, on any correct implementation (z = 2.7e-8 did)."""
+    mean, rstd = reference.layer_norm_stats(s.detach().double(), eps)
+    xhat = (s.detach().double() - mean[..., None]) * rstd[..., None]
+    xhat = xhat * weight.detach().double() if weight is not None else xhat
+    for _ in range(8):
+        near = ((xhat + bias.detach().double()).abs() < KINK_MARGIN).reshape(-1, s.shape[-1]).any(0)
+        if not near.any():
+            return bias
+        bias = torch.where(near, bias + KINK_STEP, bias)
+    raise AssertionError("a bias column stays within KINK_MARGIN of a ReLU's kink")
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import fusedtx
 from fusedtx import fastpath, reference
 from tests.conftest import DEVICE
-from tests.helpers import ROUNDING_DRAWS, STOCK_FACTOR, assert_close, rel_error, ulp_moved
+from tests.helpers import ROUNDING_DRAWS, STOCK_FACTOR, assert_close, away_from_relu_kink, rel_error, ulp_moved
 
 DTYPES = [torch.float32, torch.float16]  # the fast path runs PyTorch's own kernels: no interpreter caveat
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -33,6 +33,8 @@ def test_layer_norm_gelu(dtype, activation, residual):
     x = torch.randn(7, 13, 97, device=DEVICE, dtype=dtype).transpose(0, 1)  # odd width, non-contiguous
     w, b = (torch.randn(97, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
     r = torch.randn(13, 7, 97, device=DEVICE, dtype=dtype) if residual else None
+    if activation == "relu":  # no output within rounding of the ReLU's kink
+        b = away_from_relu_kink(x if r is None else x + r, w, b, 1e-5).detach().requires_grad_(True)
     x.requires_grad_(True)
     out = fusedtx.layer_norm_gelu(x, w, b, activation=activation, residual=r)
     y = out[0] if residual else out

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import fusedtx
 from fusedtx import _backend, reference
 from tests.conftest import DEVICE, DTYPES, ON_CUDA
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import TOLERANCE, assert_close, away_from_relu_kink
 
 WIDTHS = [17, 96, 768, 1280, 4096, 8192, 16384, 20011]  # 20011: wider than one block, chunked path
 ACTIVATIONS = list(reference.ACTIVATIONS)
@@ -32,8 +32,11 @@ def _check(x, w, b, r, activation, dtype, eps=1e-5):
     dx is held to the dtype's bound relative to the larger of its own norm and that of the terms it is the
     difference of, rstd·g (g = d(y)/d(xhat)): where the row's normalization cancels them (two features: dx is
     proportional to 1 - xhat² = eps / (var + eps)), no float32 computation holds the bound relative to dx
-    itself. For a row of random features the two norms are alike and the bound is the dtype's.
+    itself. For a row of random features the two norms are alike and the bound is the dtype's. For a ReLU, no
+    output lies within rounding of its kink (:func:`~tests.helpers.away_from_relu_kink`).
     """
+    if activation == "relu" and b is not None:
+        b = away_from_relu_kink(x if r is None else x + r, w, b, eps)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
     out = fusedtx.layer_norm_gelu(leaves[0], leaves[1], leaves[2], eps, activation, leaves[3])
     y, s = out if r is not None else (out, None)
